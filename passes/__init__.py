@@ -1,0 +1,24 @@
+"""cosched.passes: TVM passes that merge tenants and co-schedule their kernels.
+
+Each is a ``tvm.transform`` pass usable in any ``tvm.transform.Sequential``::
+
+    seq = tvm.transform.Sequential([
+        MergeTenants(), LowerKernels(target), InterleaveOperators("breadth_first"), AnnotateStreams(2),
+    ])
+    mod = seq(stack_tenants(tenants))
+"""
+
+from .annotate_streams import POLICIES, AnnotateStreams
+from .interleave_operators import STRATEGIES, InterleaveOperators
+from .lower_kernels import LowerKernels
+from .merge_tenants import MergeTenants, stack_tenants
+
+__all__ = [
+    "POLICIES",
+    "STRATEGIES",
+    "AnnotateStreams",
+    "InterleaveOperators",
+    "LowerKernels",
+    "MergeTenants",
+    "stack_tenants",
+]

@@ -16,10 +16,12 @@ _LAZY = {
     "load_onnx": ".tenant",
     "from_relax": ".tenant",
     "compile": ".compiler",
+    "reschedule": ".compiler",
     "tune": ".tuning",
     "Schedule": ".schedule",
     "Bundle": "cosched.runtime",
     "Trace": "cosched.runtime",
+    "load": "cosched.runtime",
 }
 
 

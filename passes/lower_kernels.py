@@ -1,0 +1,48 @@
+"""LowerKernels: legalize and fuse a merged module into TIR kernels, scheduled for the target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from cosched.errors import CoschedError
+
+
+def _apply_database(target: tvm.target.Target, database: str | Path) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="cosched.ApplyDatabase")
+    def apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        from tvm.s_tir import meta_schedule as ms
+
+        # The database is applied under its target: records are keyed by workload, not by tenant, so
+        # a kernel shared by several tenants gets its one tuned schedule.
+        with target, ms.database.JSONDatabase(work_dir=str(database), allow_missing=False):
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+    return apply
+
+
+def _gpu_default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="cosched.GPUDefaultSchedule")
+    def apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        from tvm.s_tir import dlight as dl
+
+        with target:
+            return dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+            )(mod)
+
+    return apply
+
+
+def LowerKernels(target: tvm.target.Target, database: str | Path | None = None) -> tvm.transform.Pass:  # noqa: N802
+    """Legalize, fold and fuse main into TIR kernels, then apply tuned (or GPU default) schedules."""
+    passes = [relax.get_pipeline("zero"), relax.transform.DeadCodeElimination(["main"])]
+    if database is not None:
+        if not Path(database).is_dir():
+            raise CoschedError(f"no tuning database at {database}", hint="run `cosched tune` or pass database=None")
+        passes.append(_apply_database(target, database))
+    if target.kind.name == "cuda":
+        passes.append(_gpu_default_schedule(target))
+    return tvm.transform.Sequential(passes, name="LowerKernels")

@@ -1,0 +1,135 @@
+"""cosched.compile: tenants -> one merged, lowered, co-scheduled module -> a runnable Bundle."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import onnx
+import tvm
+from tvm import tirx
+
+from .errors import CoschedError
+from .extract import extract_schedule
+from .target import as_target
+from .tenant import Tenant, as_tenant
+
+
+@cache
+def _kernel_dir() -> Path:
+    """Where compiled (not yet exported) kernel libraries live for this process."""
+    path = Path(tempfile.mkdtemp(prefix="cosched-kernels-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def as_tenants(tenants: Sequence[Tenant | tvm.IRModule | str | Path | bytes | onnx.ModelProto]) -> list[Tenant]:
+    """Tenants from what the API accepts; names must be distinct."""
+    if isinstance(tenants, (Tenant, tvm.IRModule, str, Path, bytes, onnx.ModelProto)):
+        tenants = [tenants]
+    result = [as_tenant(t, i) for i, t in enumerate(tenants)]
+    if not result:
+        raise CoschedError("no tenants given", hint="pass a list of models")
+    names = [t.name for t in result]
+    for name in names:
+        if names.count(name) > 1:
+            raise CoschedError("two tenants have this name", tenant=name, hint="pass a distinct name= to load_onnx")
+    return result
+
+
+def lower_tenants(tenants: Sequence[Tenant], target: tvm.target.Target, database: str | Path | None = None) -> tvm.IRModule:
+    """Merge the tenants into one main and lower it to (tuned) TIR kernels."""
+    from cosched.passes import LowerKernels, MergeTenants, stack_tenants
+
+    if database is not None:
+        from .tuning import check_database
+
+        check_database(database, target)
+    seq = tvm.transform.Sequential([MergeTenants(), LowerKernels(target, database)], name="cosched.Lower")
+    try:
+        return seq(stack_tenants(tenants))
+    except CoschedError:
+        raise
+    except Exception as err:
+        raise CoschedError(f"lowering failed: {str(err).strip().splitlines()[-1]}",
+                           hint="check the models' operators are supported by TVM's Relax legalization") from None
+
+
+def schedule_module(
+    mod: tvm.IRModule,
+    strategy: str = "breadth_first",
+    num_streams: int | None = None,
+    policy: str = "auto",
+    cores: int | None = None,
+    order: Sequence[str | int] | None = None,
+) -> tvm.IRModule:
+    """Interleave and annotate a lowered merged module."""
+    from cosched.passes import AnnotateStreams, InterleaveOperators
+
+    seq = tvm.transform.Sequential(
+        [InterleaveOperators(strategy, order), AnnotateStreams(num_streams, policy, cores)], name="cosched.Schedule"
+    )
+    return seq(mod)
+
+
+def build_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> Path:
+    """Compile the module's TIR kernels alone into a shared library the runtime loads."""
+    funcs = {
+        gv: f.with_attr("global_symbol", gv.name_hint)
+        for gv, f in mod.functions.items()
+        if isinstance(f, tirx.PrimFunc)
+    }
+    kernels = tvm.compile(tvm.IRModule(funcs), target=target)
+    path = Path(tempfile.mkstemp(suffix=".so", dir=_kernel_dir())[1])
+    kernels.export_library(str(path))
+    return path
+
+
+def compile(  # noqa: A001 - the name users expect, like tvm.compile
+    tenants: Sequence[Tenant | tvm.IRModule | str | Path | bytes | onnx.ModelProto],
+    target: str | dict | tvm.target.Target | None = None,
+    schedule: str = "breadth_first",
+    num_streams: int | None = None,
+    database: str | Path | None = None,
+    *,
+    policy: str = "auto",
+    cores: int | None = None,
+    order: Sequence[str | int] | None = None,
+):
+    """Compile several models into one co-scheduled Bundle.
+
+    ``schedule``: an interleaving strategy (sequential, round_robin, breadth_first) or "explicit" with
+    ``order``; ``num_streams`` defaults to min(#tenants, cores); ``policy`` assigns kernels to streams
+    (auto, tenant, balanced, round_robin); ``database``: a MetaSchedule database directory.
+    """
+    from cosched.runtime import Bundle
+
+    tenants = as_tenants(tenants)
+    tgt = as_target(target)
+    if tgt.kind.name != "llvm":
+        raise CoschedError(f"target kind {tgt.kind.name!r} is not supported by the runtime yet",
+                           hint="use the host CPU (target=None)")
+    lowered = lower_tenants(tenants, tgt, database)
+    kernel_lib = build_kernels(lowered, tgt)
+    annotated = schedule_module(lowered, schedule, num_streams, policy, cores, order)
+    sched, params = extract_schedule(annotated)
+    return Bundle(sched, kernel_lib, params, ir=annotated, target=str(tgt))
+
+
+def reschedule(bundle, schedule: str = "breadth_first", num_streams: int | None = None, *, policy: str = "auto",
+               cores: int | None = None, order: Sequence[str | int] | None = None):
+    """The same kernels under another co-schedule (no recompilation)."""
+    from cosched.runtime import Bundle
+
+    if bundle.ir is None:
+        raise CoschedError("this bundle carries no IR (it was loaded from disk)", hint="reschedule the compiled bundle")
+    annotated = schedule_module(bundle.ir, schedule, num_streams, policy, cores, order)
+    sched, params = extract_schedule(annotated)
+    return Bundle(sched, bundle.kernel_lib, params, ir=annotated, target=bundle.target)
+
+
+__all__ = ["as_tenants", "build_kernels", "compile", "lower_tenants", "reschedule", "schedule_module"]

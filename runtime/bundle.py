@@ -1,0 +1,282 @@
+"""Bundle: compiled kernels + a schedule + params, run by cosched's executor; export and load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm_ffi
+
+from cosched.errors import CoschedError
+from cosched.schedule import Schedule
+
+from .memory import ALIGN, MemoryPlan, plan_memory
+from .native import EXECUTOR_LIB, build_executor, load_executor, load_kernels
+from .trace import Trace, TraceEvent
+
+FORMAT = "cosched-bundle"
+FORMAT_VERSION = 1
+KERNELS_LIB = "kernels.so"
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """Uninitialised bytes aligned like TVM's own allocations (kernels may assume it)."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % ALIGN
+    return raw[offset : offset + nbytes]
+
+
+def _aligned_array(shape: list[int], dtype: str) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return _aligned_empty(max(nbytes, 1))[:nbytes].view(dtype).reshape(shape)
+
+
+@dataclass
+class _Session:
+    """What one run needs to itself: workspace, input/output arrays and an executor with its workers."""
+
+    run: Any  # the executor's run(tensors, timings)
+    tensors: list[Any]
+    inputs: dict[str, dict[str, np.ndarray]]
+    outputs: dict[str, list[np.ndarray]]
+
+
+class Bundle:
+    """Several models compiled into one module, run together under a co-schedule.
+
+    ``run`` is safe to call from several threads at once: each concurrent call gets its own session
+    (workspace and stream workers); sessions are reused afterwards.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        kernel_lib: str | Path,
+        params: dict[int, np.ndarray],
+        *,
+        executor_lib: str | Path | None = None,
+        ir: Any = None,
+        target: str = "",
+    ):
+        schedule.validate()
+        self.schedule = schedule
+        self.ir = ir
+        self.target = target
+        self.kernel_lib = Path(kernel_lib)
+        self._module = load_kernels(self.kernel_lib)
+        try:
+            self._kernels = [self._module[k.func] for k in schedule.kernels]
+        except Exception as err:
+            raise CoschedError(f"kernel library lacks a kernel of the schedule: {err}",
+                               hint="rebuild the bundle; schedule and kernels do not match") from None
+        self._executor_lib = Path(executor_lib) if executor_lib else build_executor()
+        self._create = load_executor(self._executor_lib)
+        self._buffers = {b.id: b for b in schedule.buffers}
+        missing = [b.id for b in schedule.buffers if b.kind == "param" and b.id not in params]
+        if missing:
+            raise CoschedError(f"params missing for buffers {missing[:5]}", hint="re-export the bundle")
+        # Params are read-only and shared by all sessions.
+        self._params = {}
+        for bid, value in params.items():
+            arr = _aligned_array(list(value.shape), str(value.dtype))
+            arr[...] = value
+            self._params[bid] = (arr, tvm_ffi.from_dlpack(arr))
+        self.memory: MemoryPlan = plan_memory(schedule)
+        position = {k.id: i for i, k in enumerate(schedule.kernels)}
+        self._plan_args = [list(k.args) for k in schedule.kernels]
+        self._plan_waits = [[position[w] for w in k.waits] for k in schedule.kernels]
+        self._plan_streams = [[position[k.id] for k in schedule.stream_kernels(s.id)] for s in schedule.streams]
+        self._lock = threading.Lock()
+        self._idle: list[_Session] = []
+
+    # -- introspection --------------------------------------------------------------------------
+    @property
+    def tenants(self) -> list[str]:
+        return self.schedule.tenant_names()
+
+    @property
+    def planned_bytes(self) -> int:
+        """Bytes of intermediate storage one run needs under the memory plan."""
+        return self.memory.planned_bytes
+
+    @property
+    def unplanned_bytes(self) -> int:
+        """Intermediate bytes if every tensor had its own memory (for comparison)."""
+        return sum(b.nbytes for b in self.schedule.buffers if b.kind == "intermediate")
+
+    def input_specs(self) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+        """``{tenant: {input: (shape, dtype)}}``."""
+        return {
+            t.name: {n: (tuple(self._buffers[b].shape), self._buffers[b].dtype) for n, b in t.inputs.items()}
+            for t in self.schedule.tenants
+        }
+
+    # -- running ----------------------------------------------------------------------------------
+    def _new_session(self) -> _Session:
+        storage = [_aligned_empty(n) for n in self.memory.storage_bytes]
+        tensors: list[Any] = [None] * (max(self._buffers) + 1)
+        inputs: dict[str, dict[str, np.ndarray]] = {}
+        outputs: dict[str, list[np.ndarray]] = {}
+        arrays: dict[int, np.ndarray] = {}
+        for b in self.schedule.buffers:
+            if b.kind == "param":
+                tensors[b.id] = self._params[b.id][1]
+                continue
+            if b.kind == "intermediate":
+                block = storage[self.memory.buffer_storage[b.id]]
+                arr = block[: b.nbytes].view(b.dtype).reshape(b.shape)
+            else:
+                arr = _aligned_array(b.shape, b.dtype)
+            arrays[b.id] = arr
+            tensors[b.id] = tvm_ffi.from_dlpack(arr)
+        for t in self.schedule.tenants:
+            inputs[t.name] = {n: arrays[b] for n, b in t.inputs.items()}
+            outputs[t.name] = [arrays[b] if b in arrays else self._params[b][0] for b in t.outputs]
+        run = self._create(
+            self._kernels,
+            self._plan_args,
+            self._plan_waits,
+            self._plan_streams,
+            [s.threads for s in self.schedule.streams],
+            max(self.schedule.cores, 1),
+        )
+        # Keep the numpy storage alive as long as the tensors that view it.
+        session = _Session(run=run, tensors=tensors, inputs=inputs, outputs=outputs)
+        session.storage = storage  # type: ignore[attr-defined]
+        return session
+
+    def _check_inputs(self, inputs: dict) -> dict[str, dict[str, np.ndarray]]:
+        if not isinstance(inputs, dict):
+            raise CoschedError("inputs must be a dict {tenant: {input: array}}", hint=f"tenants are {self.tenants}")
+        for name in inputs:
+            if name not in self.tenants:
+                raise CoschedError("no such tenant in this bundle", tenant=str(name), hint=f"tenants are {self.tenants}")
+        checked: dict[str, dict[str, np.ndarray]] = {}
+        for tenant, specs in self.input_specs().items():
+            if tenant not in inputs:
+                raise CoschedError("no inputs given for this tenant", tenant=tenant,
+                                   hint=f"pass {{'{tenant}': {{{', '.join(repr(n) for n in specs)}: array}}}}")
+            given = inputs[tenant]
+            if not isinstance(given, dict):
+                raise CoschedError("inputs must be a dict {input name: array}", tenant=tenant,
+                                   hint=f"inputs are {list(specs)}")
+            for name in given:
+                if name not in specs:
+                    raise CoschedError(f"unknown input {name!r}", tenant=tenant, hint=f"inputs are {list(specs)}")
+            checked[tenant] = {}
+            for name, (shape, dtype) in specs.items():
+                if name not in given:
+                    raise CoschedError(f"missing input {name!r}", tenant=tenant, hint=f"inputs are {list(specs)}")
+                arr = np.asarray(given[name])
+                if tuple(arr.shape) != shape:
+                    raise CoschedError(f"input {name!r} has shape {tuple(arr.shape)}, expected {shape}",
+                                       tenant=tenant, hint="compile the bundle for this shape or resize the input")
+                if str(arr.dtype) != dtype:
+                    raise CoschedError(f"input {name!r} has dtype {arr.dtype}, expected {dtype}", tenant=tenant,
+                                       hint=f"convert it with .astype('{dtype}')")
+                checked[tenant][name] = arr
+        return checked
+
+    def _execute(self, inputs: dict, timings: np.ndarray | None) -> dict[str, list[np.ndarray]]:
+        checked = self._check_inputs(inputs)
+        with self._lock:
+            session = self._idle.pop() if self._idle else None
+        if session is None:
+            session = self._new_session()
+        try:
+            for tenant, arrays in checked.items():
+                for name, arr in arrays.items():
+                    np.copyto(session.inputs[tenant][name], arr)
+            session.run(session.tensors, None if timings is None else tvm_ffi.from_dlpack(timings))
+            return {t: [o.copy() for o in outs] for t, outs in session.outputs.items()}
+        finally:
+            with self._lock:
+                self._idle.append(session)
+
+    def run(self, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+        """Run every tenant once: ``{tenant: {input: array}} -> {tenant: [outputs]}``."""
+        return self._execute(inputs, None)
+
+    def profile(self, inputs: dict[str, dict[str, np.ndarray]], warmup: int = 1) -> Trace:
+        """Run once more after ``warmup`` runs, recording each kernel's start and end on its stream."""
+        for _ in range(warmup):
+            self._execute(inputs, None)
+        timings = np.zeros((len(self.schedule.kernels), 2), dtype=np.int64)
+        self._execute(inputs, timings)
+        events = [
+            TraceEvent(k.id, k.func, k.tenant, k.stream, float(t[0]) / 1e3, float(t[1]) / 1e3)
+            for k, t in zip(self.schedule.kernels, timings, strict=True)
+        ]
+        return Trace(events=events, num_streams=self.schedule.num_streams, tenants=self.tenants, device="cpu")
+
+    def with_schedule(self, schedule: Schedule, params: dict[int, np.ndarray]) -> Bundle:
+        """A bundle over the same kernels with another schedule (e.g. from search)."""
+        return Bundle(schedule, self.kernel_lib, params, executor_lib=self._executor_lib, ir=None, target=self.target)
+
+    def params(self) -> dict[int, np.ndarray]:
+        return {bid: arr for bid, (arr, _) in self._params.items()}
+
+    # -- deployment -----------------------------------------------------------------------------
+    def export(self, path: str | Path) -> Path:
+        """Write kernels, executor, schedule and params to a folder, atomically (temp folder, then rename)."""
+        path = Path(path).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            shutil.copyfile(self.kernel_lib, tmp / KERNELS_LIB)
+            shutil.copyfile(self._executor_lib, tmp / EXECUTOR_LIB)
+            self.schedule.save(tmp / "schedule.json")
+            np.savez(tmp / "params.npz", **{f"b{bid}": arr for bid, (arr, _) in self._params.items()})
+            if self.ir is not None:
+                (tmp / "ir.txt").write_text(self.ir.script() if hasattr(self.ir, "script") else str(self.ir))
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "target": self.target,
+                "device": "cpu",
+                "tenants": self.tenants,
+                "planned_bytes": self.planned_bytes,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": {"kernels": KERNELS_LIB, "executor": EXECUTOR_LIB, "schedule": "schedule.json",
+                          "params": "params.npz"},
+            }
+            # The manifest last: a folder without one is never taken for a bundle.
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def load(path: str | Path) -> Bundle:
+    """Load an exported bundle with the TVM runtime alone (no compiler, no pickle)."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise CoschedError(f"{path} is not a cosched bundle (no manifest.json)",
+                           hint="export one with Bundle.export(path)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise CoschedError(f"{path} has bundle format {manifest.get('format')} v{manifest.get('version')}",
+                           hint=f"re-export it with this cosched ({FORMAT} v{FORMAT_VERSION})")
+    files = manifest["files"]
+    schedule = Schedule.load(path / files["schedule"])
+    with np.load(path / files["params"], allow_pickle=False) as data:
+        params = {int(key[1:]): data[key] for key in data.files}
+    return Bundle(schedule, path / files["kernels"], params, executor_lib=path / files["executor"],
+                  target=manifest.get("target", ""))

@@ -1,0 +1,195 @@
+// cosched's dispatch loop: runs a schedule's kernels on CPU streams.
+//
+// One persistent worker thread per stream runs that stream's kernels in order. A kernel starts once
+// the kernels it waits on (on other streams) are done and its stream's share of the core budget is
+// free; both waits block on a condition variable rather than spinning, so idle workers leave the
+// cores to the busy ones. Each worker sizes its own TVM thread pool (pools are per calling thread).
+//
+// The plan is the backend-neutral part. A CUDA backend keeps the same plan and replaces the workers by
+// one launcher that sets each kernel's stream and records/waits events (see Backend below).
+
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+
+namespace cosched {
+
+struct Plan {
+  std::vector<ffi::Function> kernels;               // per call, in issue order
+  std::vector<std::vector<int64_t>> args;           // tensor slots per call
+  std::vector<std::vector<int64_t>> waits;          // calls each call waits on
+  std::vector<std::vector<int64_t>> stream_calls;   // calls of each stream, in stream order
+  std::vector<int64_t> threads;                     // TVM pool size (cores) of each stream
+  int64_t core_budget = 1;
+};
+
+class CpuExecutor {
+ public:
+  explicit CpuExecutor(Plan plan) : plan_(std::move(plan)), done_(plan_.kernels.size(), 0) {
+    cores_free_ = plan_.core_budget;
+    for (size_t s = 0; s < plan_.stream_calls.size(); ++s) {
+      workers_.emplace_back([this, s] { WorkerLoop(s); });
+    }
+  }
+
+  ~CpuExecutor() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+  // Runs every stream once over `tensors`. `timings`, if given, is an int64 [num_calls, 2] tensor
+  // that receives start/end nanoseconds (steady clock, relative to the run's start).
+  void Run(ffi::Array<ffi::Tensor> tensors, ffi::Optional<ffi::Tensor> timings) {
+    std::unique_lock<std::mutex> lock(mu_);
+    tensors_ = &tensors;
+    timings_ = timings.has_value() ? static_cast<int64_t*>(timings.value().data_ptr()) : nullptr;
+    t0_ = std::chrono::steady_clock::now();
+    error_.clear();
+    running_ = static_cast<int>(workers_.size());
+    ++generation_;
+    cv_.notify_all();
+    cv_.wait(lock, [this] { return running_ == 0; });
+    tensors_ = nullptr;
+    if (!error_.empty()) {
+      std::string msg = error_;
+      throw ffi::Error("RuntimeError", msg, "");
+    }
+  }
+
+ private:
+  void WorkerLoop(size_t stream) {
+    if (auto config = ffi::Function::GetGlobal("runtime.config_threadpool")) {
+      // Mode 1 ("big cores") with an explicit count: this worker's pool uses its share of the budget.
+      (*config)(1, static_cast<int>(plan_.threads[stream]));
+    }
+    uint64_t seen = 0;
+    std::vector<ffi::AnyView> args;
+    while (true) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      for (int64_t call : plan_.stream_calls[stream]) {
+        if (!Acquire(call, plan_.threads[stream], seen)) break;
+        const auto& slots = plan_.args[call];
+        args.resize(slots.size());
+        for (size_t i = 0; i < slots.size(); ++i) args[i] = (*tensors_)[slots[i]];
+        int64_t start = Now();
+        try {
+          ffi::Any rv;
+          plan_.kernels[call].CallPacked(args.data(), static_cast<int32_t>(args.size()), &rv);
+        } catch (const std::exception& err) {
+          Fail(call, err.what());
+        }
+        int64_t end = Now();
+        if (timings_ != nullptr) {
+          timings_[2 * call] = start;
+          timings_[2 * call + 1] = end;
+        }
+        Release(call, plan_.threads[stream], seen);
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--running_ == 0) cv_.notify_all();
+    }
+  }
+
+  // Blocks until `call`'s waits are done in this run and its cores are free; false once the run failed.
+  bool Acquire(int64_t call, int64_t cores, uint64_t gen) {
+    std::unique_lock<std::mutex> lock(mu_);
+    int64_t need = std::min(cores, plan_.core_budget);
+    cv_.wait(lock, [&] {
+      if (!error_.empty()) return true;
+      for (int64_t w : plan_.waits[call]) {
+        if (done_[w] != gen) return false;
+      }
+      return cores_free_ >= need;
+    });
+    if (!error_.empty()) return false;
+    cores_free_ -= need;
+    return true;
+  }
+
+  void Release(int64_t call, int64_t cores, uint64_t gen) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cores_free_ += std::min(cores, plan_.core_budget);
+      done_[call] = gen;
+    }
+    cv_.notify_all();
+  }
+
+  void Fail(int64_t call, const char* what) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (error_.empty()) error_ = "kernel call " + std::to_string(call) + " failed: " + what;
+  }
+
+  int64_t Now() const {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_)
+        .count();
+  }
+
+  Plan plan_;
+  std::vector<uint64_t> done_;  // generation in which each call last finished
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint64_t generation_ = 0;
+  int running_ = 0;
+  int64_t cores_free_ = 0;
+  bool stop_ = false;
+  std::string error_;
+  ffi::Array<ffi::Tensor>* tensors_ = nullptr;
+  int64_t* timings_ = nullptr;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+std::vector<std::vector<int64_t>> ToVectors(const ffi::Array<ffi::Array<int64_t>>& arrays) {
+  std::vector<std::vector<int64_t>> out;
+  out.reserve(arrays.size());
+  for (const auto& a : arrays) out.emplace_back(a.begin(), a.end());
+  return out;
+}
+
+// Returns run(tensors, timings); the executor (and its workers) lives as long as that function.
+ffi::Function CreateCpuExecutor(ffi::Array<ffi::Function> kernels, ffi::Array<ffi::Array<int64_t>> args,
+                                ffi::Array<ffi::Array<int64_t>> waits,
+                                ffi::Array<ffi::Array<int64_t>> stream_calls, ffi::Array<int64_t> threads,
+                                int64_t core_budget) {
+  Plan plan;
+  plan.kernels.assign(kernels.begin(), kernels.end());
+  plan.args = ToVectors(args);
+  plan.waits = ToVectors(waits);
+  plan.stream_calls = ToVectors(stream_calls);
+  plan.threads.assign(threads.begin(), threads.end());
+  plan.core_budget = core_budget;
+  TVM_FFI_ICHECK_EQ(plan.args.size(), plan.kernels.size());
+  TVM_FFI_ICHECK_EQ(plan.waits.size(), plan.kernels.size());
+  TVM_FFI_ICHECK_EQ(plan.threads.size(), plan.stream_calls.size());
+  auto exec = std::make_shared<CpuExecutor>(std::move(plan));
+  return ffi::Function::FromTyped(
+      [exec](ffi::Array<ffi::Tensor> tensors, ffi::Optional<ffi::Tensor> timings) {
+        exec->Run(std::move(tensors), std::move(timings));
+      });
+}
+
+}  // namespace cosched
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(create_cpu_executor, cosched::CreateCpuExecutor);
