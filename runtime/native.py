@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # TVM's thread pool pins its calling thread to core 0 and later threads inherit that: with pinning on,
@@ -22,14 +22,14 @@ _RUNTIME_ENV = "COSCHED_TVM_RUNTIME"
 
 
 def tvm_runtime_library() -> Path | None:
-    """Path of libtvm_runtime.so: $COSCHED_TVM_RUNTIME, else the installed tvm package (not imported)."""
+    """Path of libtvm_runtime.so: $COSCHED_TVM_RUNTIME, else inside an installed tvm package.
+
+    The package is looked up on sys.path, not imported: importing tvm loads the whole compiler.
+    """
     if os.environ.get(_RUNTIME_ENV):
         return Path(os.environ[_RUNTIME_ENV])
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / "lib" / "libtvm_runtime.so"
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "tvm" / "lib" / "libtvm_runtime.so"
         if candidate.exists():
             return candidate
     return None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import tvm_ffi
 
+
+# Registered with tvm-ffi so that an error raised inside a pass keeps its type across the FFI boundary.
+@tvm_ffi.register_error("CoschedError")
 class CoschedError(Exception):
     """A user-facing error: says which tenant is concerned and what to do about it."""
 

@@ -111,4 +111,46 @@ def random_inputs(shapes: dict[str, tuple[tuple[int, ...], str]], seed: int = 0)
     return {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
 
 
-__all__ = ["LIGHT_MODELS", "light_model", "light_model_path", "randomize_weights", "random_inputs", "helper"]
+def tiny_cnn(name: str = "tiny", seed: int = 0, width: int = 8, depth: int = 2, size: int = 16,
+             classes: int = 10) -> onnx.ModelProto:
+    """A small CNN (conv-relu blocks, pooling, a residual add, gemm, softmax) that compiles in seconds."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def weight(wname: str, shape: tuple[int, ...], scale: float) -> str:
+        inits.append(numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), wname))
+        return wname
+
+    x, channels = "input", 3
+    for i in range(depth):
+        w = weight(f"w{i}", (width, channels, 3, 3), np.sqrt(2 / (channels * 9)))
+        b = weight(f"b{i}", (width,), 0.05)
+        nodes.append(helper.make_node("Conv", [x, w, b], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        if i > 0:  # a residual edge gives the graph a branch
+            nodes.append(helper.make_node("Add", [f"r{i}", x], [f"a{i}"]))
+            x = f"a{i}"
+        else:
+            x = f"r{i}"
+        channels = width
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[2, 2], strides=[2, 2]))
+    nodes.append(helper.make_node("GlobalAveragePool", ["pool"], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    wf = weight("wf", (width, classes), np.sqrt(1 / width))
+    bf = weight("bf", (classes,), 0.05)
+    nodes.append(helper.make_node("Gemm", ["flat", wf, bf], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["prob"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("prob", onnx.TensorProto.FLOAT, [1, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="cosched")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+__all__ = ["LIGHT_MODELS", "light_model", "light_model_path", "random_inputs", "randomize_weights", "tiny_cnn"]
