@@ -11,6 +11,9 @@ from pathlib import Path
 # TVM's thread pool pins its calling thread to core 0 and later threads inherit that: with pinning on,
 # the stream workers would all share one core. Must be set before the runtime creates any pool.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
+# A pool's size is fixed when it is created (TVM_NUM_THREADS, else half the cores) and
+# runtime.config_threadpool can only shrink it: let pools reach every core, then size each worker's.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import tvm_ffi  # noqa: E402
 
