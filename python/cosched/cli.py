@@ -1,0 +1,199 @@
+"""The ``cosched`` command: bench, compile, run, tune and the demo."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports TVM: pinning would serialize every worker thread on core 0.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import CoschedError  # noqa: E402
+
+DEMO_MIX = ("squeezenet", "shufflenet", "inception_v1")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .compare import compare, load_models
+
+    result = compare(load_models(args.models), threads=args.threads, database=args.database,
+                     strategies=args.strategies, num_streams=args.streams, repeat=args.repeat)
+    print(result.header)
+    print(result.table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": result.header, "table": result.table,
+                                               "results": json.loads(_results_json(result))}, indent=1))
+    return 0
+
+
+def _results_json(result) -> str:
+    from . import bench
+
+    return bench.to_json(result.results, result.baseline)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .compare import load_models
+    from .compiler import compile as compile_bundle
+    from .tenant import load_onnx
+
+    models = load_models(args.models)
+    tenants = [load_onnx(m, name=n) for n, m in models.items()]
+    bundle = compile_bundle(tenants, schedule=args.schedule, num_streams=args.streams, database=args.database,
+                            cores=args.threads)
+    print(bundle.schedule.summary())
+    print(f"exported to {bundle.export(args.output)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cosched.runtime import load
+
+    bundle = load(args.bundle)
+    rng = np.random.default_rng(0)
+    inputs = {t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
+              for t, specs in bundle.input_specs().items()}
+    bundle.run(inputs)
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        out = bundle.run(inputs)
+        times.append((time.perf_counter() - t0) * 1e3)
+    print(bundle.schedule.summary())
+    for tenant, outs in out.items():
+        print(f"{tenant}: outputs {[o.shape for o in outs]}")
+    print(f"median {sorted(times)[len(times) // 2]:.2f} ms over {args.repeat} runs")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .compare import load_models
+    from .tuning import tune
+
+    models = load_models(args.models)
+    report = tune(list(models.values()), work_dir=args.work_dir, trials=args.trials,
+                  time_budget=None if args.budget is None else args.budget * 60, names=list(models))
+    print(report)
+    return 0
+
+
+def demo(out: Path, threads: int | None = None, repeat: int = 10) -> int:
+    """The main job: three real models as one bundle, checked, benchmarked, and drawn."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from .compare import compare, load_models, make_inputs, shipped_database
+    from .reference import AloneRunner
+    from .target import host_cpu, host_target
+    from .tenant import load_onnx
+    from .tuning import check_database
+
+    out.mkdir(parents=True, exist_ok=True)
+    models = load_models(DEMO_MIX)
+    database = shipped_database("demo")
+    if database is not None:
+        try:
+            check_database(database, host_target())
+        except CoschedError as err:
+            print(f"shipped database not usable here ({err}); running untuned")
+            database = None
+    if database is None:
+        print(f"no tuned database for this CPU ({host_cpu()}): kernels are UNTUNED and single-threaded, so the "
+              "numbers below say little about co-scheduling (run `cosched tune` to tune them)")
+    else:
+        print(f"using the shipped MetaSchedule database {database}")
+
+    result = compare(models, threads=threads, database=database, repeat=repeat)
+    tenants = [load_onnx(m, name=n) for n, m in models.items()]
+    inputs = make_inputs(tenants)
+    bundle = result.bundles["breadth_first"]
+    outputs = bundle.run(inputs)
+    print("\ncorrectness (cosched breadth_first vs each model alone on the Relax VM, and vs ONNX Runtime):")
+    for tenant in tenants:
+        alone = AloneRunner(tenant, host_target(), database).run(inputs[tenant.name])
+        session = ort.InferenceSession(models[tenant.name].SerializeToString(), providers=["CPUExecutionProvider"])
+        onnxrt = session.run(None, inputs[tenant.name])
+        for got, vm, ref in zip(outputs[tenant.name], alone, onnxrt, strict=True):
+            np.testing.assert_allclose(got, vm, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-6)
+            err = float(np.max(np.abs(got.reshape(ref.shape) - ref)))
+            print(f"  {tenant.name:<14} equal to the VM (rtol 1e-5); max |diff| to ORT {err:.2e} (rtol 1e-4): OK")
+
+    print("\n" + result.header)
+    print(result.table)
+    trace = bundle.profile(inputs)
+    png = trace.plot(out / "gantt.png", title=f"cosched breadth_first on {bundle.schedule.num_streams} streams: "
+                                               f"{', '.join(DEMO_MIX)}")
+    chrome = trace.save_chrome(out / "trace.json")
+    (out / "bench.txt").write_text(result.header + "\n" + result.table + "\n")
+    print(f"\nwrote {png} (Gantt chart), {chrome} (open in ui.perfetto.dev) and {out / 'bench.txt'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return demo(Path(args.out), threads=args.threads, repeat=args.repeat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosched", description="Compile several DNN models into one "
+                                     "co-scheduled TVM module, run and benchmark it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    models_help = "light model names (squeezenet, shufflenet, inception_v1, resnet50, ...) or .onnx paths"
+
+    p = sub.add_parser("bench", help="compare cosched with the Relax VM and ONNX Runtime on the same models")
+    p.add_argument("models", nargs="+", help=models_help)
+    p.add_argument("--threads", type=int, default=None, help="core budget (default: all cores)")
+    p.add_argument("--database", default=None, help="MetaSchedule database directory for the kernels")
+    p.add_argument("--strategies", nargs="+", default=["sequential", "round_robin", "breadth_first"])
+    p.add_argument("--streams", type=int, default=None, help="number of streams (default: min(tenants, cores))")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--json", default=None, help="also write the results as JSON")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("compile", help="compile models into one bundle and export it")
+    p.add_argument("models", nargs="+", help=models_help)
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument("--schedule", default="breadth_first")
+    p.add_argument("--streams", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--database", default=None)
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser("run", help="load an exported bundle with the runtime alone and time it on random inputs")
+    p.add_argument("bundle")
+    p.add_argument("--repeat", type=int, default=10)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("tune", help="tune the kernels of a bundle with MetaSchedule into a database")
+    p.add_argument("models", nargs="+", help=models_help)
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--trials", type=int, default=8, help="trials per task")
+    p.add_argument("--budget", type=float, default=None, help="time budget in minutes")
+    p.set_defaults(func=_tune)
+
+    p = sub.add_parser("demo", help="the main job: three real models, checked, benchmarked and drawn")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=10)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CoschedError as err:
+        print(f"cosched: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
