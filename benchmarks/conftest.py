@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("TVM_BIND_THREADS", "0")
