@@ -8,7 +8,7 @@ Each is a ``tvm.transform`` pass usable in any ``tvm.transform.Sequential``::
     mod = seq(stack_tenants(tenants))
 """
 
-from .annotate_streams import POLICIES, AnnotateStreams
+from .annotate_streams import POLICIES, AnnotateStreams, ApplySchedule
 from .interleave_operators import STRATEGIES, InterleaveOperators
 from .lower_kernels import LowerKernels
 from .merge_tenants import MergeTenants, stack_tenants
@@ -17,6 +17,7 @@ __all__ = [
     "POLICIES",
     "STRATEGIES",
     "AnnotateStreams",
+    "ApplySchedule",
     "InterleaveOperators",
     "LowerKernels",
     "MergeTenants",

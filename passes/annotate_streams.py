@@ -8,13 +8,14 @@ import tvm
 from tvm import relax
 
 from cosched.errors import CoschedError
-from cosched.schedule import Kernel, assign_waits, split_threads
+from cosched.schedule import Kernel, Schedule, assign_waits, split_threads
 
 from .graph import (
     ATTR_CORES,
     ATTR_NUM_STREAMS,
     ATTR_POLICY,
     ATTR_SCHEDULE,
+    ATTR_STRATEGY,
     ATTR_STREAM_THREADS,
     CALL_KERNEL,
     CALL_ORDER,
@@ -23,8 +24,10 @@ from .graph import (
     CALL_WAITS,
     BindingGraph,
     binding_graph,
+    kernel_ids,
     rebuild_main,
     replace_main,
+    with_call_attrs,
 )
 
 POLICIES = ("auto", "tenant", "balanced", "round_robin")
@@ -69,6 +72,44 @@ def assign_streams(graph: BindingGraph, num_streams: int, policy: str, mod: tvm.
     return stream_of
 
 
+def write_schedule(graph: BindingGraph, kernel_nodes: list, records: list[Kernel], threads: list[int], cores: int,
+                   policy: str) -> relax.Function:
+    """Main with kernels in the records' issue order, annotated with stream, order and waits.
+
+    Call attrs carry the schedule for tools; bound names (``<tenant>_s<stream>_<order>``) and the
+    ``cosched.schedule`` table on main show it to whoever prints the module.
+    """
+    from .interleave_operators import binding_order
+
+    calls, renames, table = {}, {}, []
+    for n, rec in zip(kernel_nodes, records, strict=True):
+        call = n.binding.value
+        attrs = {
+            CALL_KERNEL: rec.id,
+            CALL_TENANT: rec.tenant,
+            CALL_STREAM: rec.stream,
+            CALL_ORDER: rec.order,
+            CALL_WAITS: rec.waits,
+        }
+        calls[n.index] = with_call_attrs(call, attrs)
+        renames[n.index] = f"{rec.tenant}_s{rec.stream}_{rec.order}"
+        waits = ", ".join(f"k{w}" for w in rec.waits)
+        table.append(
+            f"k{rec.id} {renames[n.index]} = {call.args[0].name_hint}: tenant={rec.tenant} "
+            f"stream={rec.stream} order={rec.order} waits=[{waits}]"
+        )
+    order = binding_order(graph, [n.index for n in kernel_nodes])
+    return rebuild_main(graph, order, renames, calls).with_attrs(
+        {
+            ATTR_NUM_STREAMS: len(threads),
+            ATTR_STREAM_THREADS: list(threads),
+            ATTR_CORES: cores,
+            ATTR_POLICY: policy,
+            ATTR_SCHEDULE: table,
+        }
+    )
+
+
 @tvm.transform.module_pass(opt_level=0, name="AnnotateStreams")
 class AnnotateStreams:
     """Annotate each kernel call with its stream, order and minimal waits; record the schedule on main."""
@@ -88,7 +129,7 @@ class AnnotateStreams:
         num_streams = self.num_streams or min(len(graph.tenants), cores)
         stream_of = assign_streams(graph, num_streams, self.policy, mod)
         kernel_nodes = graph.kernels  # block order = issue order
-        kid = {n.index: i for i, n in enumerate(kernel_nodes)}
+        kid = kernel_ids(graph)
         counters = [0] * num_streams
         records = []
         for n in kernel_nodes:
@@ -99,32 +140,29 @@ class AnnotateStreams:
         deps = {kid[i]: [kid[d] for d in ds] for i, ds in graph.kernel_deps().items()}
         assign_waits(records, deps, num_streams)
 
-        calls, renames, table = {}, {}, []
-        for n, rec in zip(kernel_nodes, records, strict=True):
-            call = n.binding.value
-            attrs = {
-                CALL_KERNEL: rec.id,
-                CALL_TENANT: rec.tenant,
-                CALL_STREAM: rec.stream,
-                CALL_ORDER: rec.order,
-                CALL_WAITS: rec.waits,
-            }
-            calls[n.index] = relax.Call(call.op, call.args, tvm.ir.attrs.DictAttrs(attrs), call.ty_args, call.span)
-            # The bound name carries stream and order, so printing the module shows the schedule.
-            renames[n.index] = f"{rec.tenant}_s{rec.stream}_{rec.order}"
-            waits = ", ".join(f"k{w}" for w in rec.waits)
-            table.append(
-                f"k{rec.id} {renames[n.index]} = {call.args[0].name_hint}: tenant={rec.tenant} "
-                f"stream={rec.stream} order={rec.order} waits=[{waits}]"
-            )
-        order = [n.index for n in graph.nodes]
-        func = rebuild_main(graph, order, renames, calls).with_attrs(
-            {
-                ATTR_NUM_STREAMS: num_streams,
-                ATTR_STREAM_THREADS: split_threads(cores, num_streams),
-                ATTR_CORES: cores,
-                ATTR_POLICY: self.policy,
-                ATTR_SCHEDULE: table,
-            }
-        )
+        func = write_schedule(graph, kernel_nodes, records, split_threads(cores, num_streams), cores, self.policy)
         return replace_main(mod, func)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplySchedule")
+class ApplySchedule:
+    """Write a schedule IR (e.g. from search) back into an annotated module: order, streams and waits."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        graph = binding_graph(mod)
+        by_kernel = {}
+        for n in graph.kernels:
+            attrs = n.binding.value.attrs
+            if attrs is None or CALL_KERNEL not in attrs:
+                raise CoschedError("ApplySchedule needs a module annotated by AnnotateStreams", hint="run it first")
+            by_kernel[int(attrs[CALL_KERNEL])] = n
+        if sorted(by_kernel) != sorted(k.id for k in self.schedule.kernels):
+            raise CoschedError("the schedule's kernels do not match the module's", hint="search on this module")
+        nodes = [by_kernel[k.id] for k in self.schedule.kernels]
+        threads = [s.threads for s in self.schedule.streams]
+        func = write_schedule(graph, nodes, list(self.schedule.kernels), threads, self.schedule.cores,
+                              self.schedule.policy)
+        return replace_main(mod, func.with_attr(ATTR_STRATEGY, self.schedule.strategy))

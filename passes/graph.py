@@ -66,6 +66,25 @@ class BindingGraph:
         return {n.index: sorted(set().union(*(producers(d) for d in n.deps))) for n in self.kernels}
 
 
+def kernel_ids(graph: BindingGraph) -> dict[int, int]:
+    """Node index -> stable kernel id: the id a scheduling pass gave it, else its position in the block.
+
+    Ids survive re-interleaving, so every schedule of one module numbers kernels and buffers alike.
+    """
+    kernels = graph.kernels
+    given = [n.binding.value.attrs for n in kernels]
+    if all(a is not None and CALL_KERNEL in a for a in given):
+        return {n.index: int(a[CALL_KERNEL]) for n, a in zip(kernels, given, strict=True)}
+    return {n.index: i for i, n in enumerate(kernels)}
+
+
+def with_call_attrs(call: relax.Call, attrs: dict) -> relax.Call:
+    """The call with ``attrs`` merged into its attributes."""
+    merged = dict(call.attrs.items()) if call.attrs is not None else {}
+    merged.update(attrs)
+    return relax.Call(call.op, call.args, tvm.ir.attrs.DictAttrs(merged), call.ty_args, call.span)
+
+
 def is_kernel_call(value: relax.Expr) -> bool:
     return isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)
 

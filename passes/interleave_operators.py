@@ -8,7 +8,17 @@ import tvm
 
 from cosched.errors import CoschedError
 
-from .graph import ATTR_STRATEGY, BindingGraph, binding_graph, rebuild_main, replace_main
+from .graph import (
+    ATTR_STRATEGY,
+    CALL_KERNEL,
+    CALL_TENANT,
+    BindingGraph,
+    binding_graph,
+    kernel_ids,
+    rebuild_main,
+    replace_main,
+    with_call_attrs,
+)
 
 STRATEGIES = ("sequential", "round_robin", "breadth_first", "explicit")
 
@@ -130,5 +140,10 @@ class InterleaveOperators:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         graph = binding_graph(mod)
         kernels = kernel_order(graph, self.strategy, self.order)
-        func = rebuild_main(graph, binding_order(graph, kernels)).with_attr(ATTR_STRATEGY, self.strategy)
+        ids = kernel_ids(graph)
+        calls = {
+            n.index: with_call_attrs(n.binding.value, {CALL_KERNEL: ids[n.index], CALL_TENANT: graph.tenants[n.tenant]})
+            for n in graph.kernels
+        }
+        func = rebuild_main(graph, binding_order(graph, kernels), calls=calls).with_attr(ATTR_STRATEGY, self.strategy)
         return replace_main(mod, func)

@@ -99,12 +99,15 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
     policy: str = "auto",
     cores: int | None = None,
     order: Sequence[str | int] | None = None,
+    search_options: dict | None = None,
 ):
     """Compile several models into one co-scheduled Bundle.
 
-    ``schedule``: an interleaving strategy (sequential, round_robin, breadth_first) or "explicit" with
-    ``order``; ``num_streams`` defaults to min(#tenants, cores); ``policy`` assigns kernels to streams
-    (auto, tenant, balanced, round_robin); ``database``: a MetaSchedule database directory.
+    ``schedule``: an interleaving strategy (sequential, round_robin, breadth_first), "explicit" with
+    ``order``, or "search" (learned co-schedule search, measured on this machine; ``search_options``
+    go to :func:`cosched.search.searched_bundle`, e.g. ``work_dir``, ``generations``);
+    ``num_streams`` defaults to min(#tenants, cores); ``policy`` assigns kernels to streams (auto,
+    tenant, balanced, round_robin); ``database``: a MetaSchedule database directory.
     """
     from cosched.runtime import Bundle
 
@@ -115,9 +118,16 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
                            hint="use the host CPU (target=None)")
     lowered = lower_tenants(tenants, tgt, database)
     kernel_lib = build_kernels(lowered, tgt)
-    annotated = schedule_module(lowered, schedule, num_streams, policy, cores, order)
+    searching = schedule == "search"
+    annotated = schedule_module(lowered, "breadth_first" if searching else schedule, num_streams, policy, cores, order)
     sched, params = extract_schedule(annotated)
-    return Bundle(sched, kernel_lib, params, ir=annotated, target=str(tgt))
+    bundle = Bundle(sched, kernel_lib, params, ir=annotated, target=str(tgt))
+    if searching:
+        from .search import searched_bundle
+
+        bundle, report = searched_bundle(bundle, **(search_options or {}))
+        bundle.search_report = report
+    return bundle
 
 
 def reschedule(bundle, schedule: str = "breadth_first", num_streams: int | None = None, *, policy: str = "auto",

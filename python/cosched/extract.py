@@ -45,69 +45,85 @@ def _shape(ty: relax.TensorType) -> list[int]:
 
 
 def extract_schedule(mod: tvm.IRModule) -> tuple[Schedule, dict[int, np.ndarray]]:
-    """The schedule IR of an annotated module, and the params (constants) keyed by buffer id."""
+    """The schedule IR of an annotated module, and the params (constants) keyed by buffer id.
+
+    Buffers are numbered canonically (inputs, then each kernel's constants and outputs by stable
+    kernel id), not by issue order, so every schedule of one module shares buffer ids and params.
+    """
     func = mod["main"]
     attrs = func.attrs
     if attrs is None or ATTR_NUM_STREAMS not in attrs:
         raise CoschedError("main has no stream annotations", hint="run cosched.passes.AnnotateStreams() last")
     tenants = [str(t) for t in attrs[ATTR_TENANTS]]
-    buffers: list[Buffer] = []
-    params: dict[int, np.ndarray] = {}
-    values: dict[relax.Var, list[int]] = {}
-    const_ids: dict[tvm.ir.GenericConst, int] = {}
 
-    def new_buffer(ty: relax.TensorType, kind: str, tenant: str | None, name: str) -> int:
-        buffers.append(Buffer(len(buffers), _shape(ty), str(ty.dtype), kind, tenant, name))
-        return len(buffers) - 1
+    # Pass 1, in binding order: what each variable holds, symbolically.
+    values: dict[relax.Var, list[tuple]] = {}
+    for i, param in enumerate(func.params):
+        values[param] = [("in", i)]
 
-    def resolve(expr: relax.Expr, tenant: str | None) -> list[int]:
+    def symbolic(expr: relax.Expr) -> list[tuple]:
         if isinstance(expr, relax.Var):
             return values[expr]
         if isinstance(expr, tvm.ir.GenericConst):
-            if expr not in const_ids:
-                bid = new_buffer(expr.ty, "param", tenant, f"const{len(const_ids)}")
-                const_ids[expr] = bid
-                params[bid] = expr.value.numpy()
-            return [const_ids[expr]]
+            return [("const", expr)]
         if isinstance(expr, relax.Tuple):
-            return [b for f in expr.fields for b in resolve(f, tenant)]
+            return [v for f in expr.fields for v in symbolic(f)]
         if isinstance(expr, relax.TupleGetItem):
-            return [resolve(expr.tuple_value, tenant)[expr.index]]
+            return [symbolic(expr.tuple_value)[expr.index]]
         raise CoschedError(f"unsupported expression {type(expr).__name__} in main", hint="lower the module first")
 
-    tenant_io = [TenantIO(name=t, inputs={}, outputs=[]) for t in tenants]
-    for param, owner, name in zip(func.params, attrs[ATTR_PARAM_TENANTS], attrs[ATTR_INPUT_NAMES], strict=True):
-        tenant = tenants[int(owner)]
-        bid = new_buffer(param.ty, "input", tenant, str(name))
-        values[param] = [bid]
-        tenant_io[int(owner)].inputs[str(name)] = bid
-
-    kernels: list[Kernel] = []
+    calls = []  # (kernel id, call, args, output types, bound name) in issue order
     for binding in main_block(func).bindings:
         value = binding.value
         if not is_kernel_call(value):
-            values[binding.var] = resolve(value, None)
+            values[binding.var] = symbolic(value)
             continue
         cattrs = value.attrs
         if cattrs is None or CALL_STREAM not in cattrs:
             raise CoschedError(f"kernel call {binding.var.name} has no stream", hint="run AnnotateStreams() last")
-        tenant = str(cattrs[CALL_TENANT])
-        args = resolve(value.args[1], tenant)
-        outs = [new_buffer(t, "intermediate", tenant, binding.var.name) for t in _tensor_types(binding.var.ty)]
-        values[binding.var] = outs
-        kernels.append(
-            Kernel(
-                id=int(cattrs[CALL_KERNEL]),
-                func=value.args[0].name_hint,
-                tenant=tenant,
-                args=args + outs,
-                num_outputs=len(outs),
-                stream=int(cattrs[CALL_STREAM]),
-                order=int(cattrs[CALL_ORDER]),
-                waits=[int(w) for w in cattrs[CALL_WAITS]],
-            )
+        kid = int(cattrs[CALL_KERNEL])
+        out_types = _tensor_types(binding.var.ty)
+        values[binding.var] = [("out", kid, j) for j in range(len(out_types))]
+        calls.append((kid, value, symbolic(value.args[1]), out_types, binding.var.name))
+
+    # Pass 2: number buffers canonically.
+    buffers: list[Buffer] = []
+    params: dict[int, np.ndarray] = {}
+    ids: dict = {}
+
+    def new_buffer(key, ty: relax.TensorType, kind: str, tenant: str | None, name: str) -> None:
+        ids[key] = len(buffers)
+        buffers.append(Buffer(len(buffers), _shape(ty), str(ty.dtype), kind, tenant, name))
+
+    tenant_io = [TenantIO(name=t, inputs={}, outputs=[]) for t in tenants]
+    for i, (param, owner, name) in enumerate(
+        zip(func.params, attrs[ATTR_PARAM_TENANTS], attrs[ATTR_INPUT_NAMES], strict=True)
+    ):
+        new_buffer(("in", i), param.ty, "input", tenants[int(owner)], str(name))
+        tenant_io[int(owner)].inputs[str(name)] = ids[("in", i)]
+    for kid, call, args, out_types, name in sorted(calls, key=lambda c: c[0]):
+        tenant = str(call.attrs[CALL_TENANT])
+        for arg in args:
+            if arg[0] == "const" and arg not in ids:
+                new_buffer(arg, arg[1].ty, "param", tenant, f"const{len(params)}")
+                params[ids[arg]] = arg[1].value.numpy()
+        for j, ty in enumerate(out_types):
+            new_buffer(("out", kid, j), ty, "intermediate", tenant, name)
+
+    kernels = [
+        Kernel(
+            id=kid,
+            func=call.args[0].name_hint,
+            tenant=str(call.attrs[CALL_TENANT]),
+            args=[ids[a] for a in args] + [ids[("out", kid, j)] for j in range(len(out_types))],
+            num_outputs=len(out_types),
+            stream=int(call.attrs[CALL_STREAM]),
+            order=int(call.attrs[CALL_ORDER]),
+            waits=[int(w) for w in call.attrs[CALL_WAITS]],
         )
-    outputs = resolve(func.body.body, None)
+        for kid, call, args, out_types, _ in calls
+    ]
+    outputs = [ids[v] for v in symbolic(func.body.body)]
     for bid, owner in zip(outputs, attrs[ATTR_OUTPUT_TENANTS], strict=True):
         if buffers[bid].kind == "intermediate":
             buffers[bid].kind = "output"
@@ -118,7 +134,7 @@ def extract_schedule(mod: tvm.IRModule) -> tuple[Schedule, dict[int, np.ndarray]
         buffers=buffers,
         tenants=tenant_io,
         streams=streams,
-        strategy=str(attrs.get(ATTR_STRATEGY, "")) if ATTR_STRATEGY in attrs else "",
+        strategy=str(attrs[ATTR_STRATEGY]) if ATTR_STRATEGY in attrs else "",
         policy=str(attrs[ATTR_POLICY]),
         cores=int(attrs[ATTR_CORES]),
     )

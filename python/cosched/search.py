@@ -1,0 +1,416 @@
+"""Learned co-schedule search: an XGBoost cost model over schedule features guides an evolutionary search.
+
+Candidates are edits of the schedule IR (issue order, stream of each kernel, number of streams, core
+split per stream) over the *same* compiled kernels, so trying one costs a measurement, not a build.
+Kernels are profiled alone at one thread and at the full budget; a simulator replays a candidate on
+those profiles, and its results plus structural counts are the features. The model learns the
+measured latency (relative to the sequential schedule, measured in the same alternating batch, which
+cancels machine drift) and ranks candidates; only the top few are measured. The best *measured*
+schedule wins, and the sequential schedule is always among the measured ones, so the result is
+never slower than it on measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CoschedError
+from .schedule import Schedule, Stream, assign_waits
+
+NUM_FEATURES = 20
+MAX_STREAMS = 4
+
+
+@dataclass
+class KernelProfile:
+    """Latency (us) of each kernel alone, at one thread and at the whole core budget, and its bytes."""
+
+    one: dict[int, float]
+    full: dict[int, float]
+    nbytes: dict[int, int]
+
+    def latency(self, kernel: int, threads: int, cores: int) -> float:
+        if threads >= cores or cores <= 1:
+            return self.full[kernel]
+        # Interpolate in 1/threads between the two measured points (Amdahl-like).
+        frac = (1 / threads - 1 / cores) / (1 - 1 / cores)
+        return self.full[kernel] + frac * (self.one[kernel] - self.full[kernel])
+
+
+@dataclass
+class Candidate:
+    schedule: Schedule
+    origin: str
+    features: np.ndarray | None = None
+    predicted: float | None = None
+    measured: float | None = None  # latency relative to the sequential schedule (< 1 is faster)
+    measured_ms: float | None = None
+
+
+@dataclass
+class SearchReport:
+    """What the search did: candidates measured, their predicted and measured latency, the winner."""
+
+    best: Candidate
+    sequential_ms: float
+    fixed: dict[str, float]  # fixed strategies' measured latency relative to sequential
+    measured: list[Candidate] = field(default_factory=list)
+    rank_correlation: float | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"search: {len(self.measured)} schedules measured in {self.seconds:.0f} s; "
+            f"winner '{self.best.origin}' at {self.best.measured:.3f}x the sequential latency "
+            f"({self.sequential_ms:.2f} ms)",
+        ]
+        for name, rel in sorted(self.fixed.items(), key=lambda kv: kv[1]):
+            lines.append(f"  fixed {name:<28} {rel:.3f}x")
+        if self.rank_correlation is not None:
+            lines.append(f"  cost model rank correlation (predicted vs measured, Spearman): {self.rank_correlation:.2f}")
+        return "\n".join(lines)
+
+
+# -- schedule IR edits ----------------------------------------------------------------------------
+def rebuild(schedule: Schedule, issue: list[int], stream_of: dict[int, int], threads: list[int],
+            origin: str) -> Schedule:
+    """A schedule with the given issue order, streams and core split; orders and minimal waits recomputed."""
+    by_id = {k.id: k for k in schedule.kernels}
+    kernels = [copy.copy(by_id[i]) for i in issue]
+    counters = [0] * len(threads)
+    for k in kernels:
+        k.stream = stream_of[k.id]
+        k.order = counters[k.stream]
+        counters[k.stream] += 1
+    deps = schedule.dependencies()
+    assign_waits(kernels, deps, len(threads))
+    return Schedule(kernels=kernels, buffers=schedule.buffers, tenants=schedule.tenants,
+                    streams=[Stream(i, t) for i, t in enumerate(threads)], strategy=origin,
+                    policy="search", cores=schedule.cores)
+
+
+def thread_splits(cores: int, streams: int) -> list[list[int]]:
+    """Ways to give each stream at least one thread, summing to the budget (or one each if fewer cores)."""
+    if streams >= cores:
+        return [[1] * streams]
+    if streams == 1:
+        return [[cores]]
+    out = []
+    for first in range(1, cores - streams + 2):
+        out += [[first, *rest] for rest in thread_splits(cores - first, streams - 1)]
+    return out
+
+
+def _mutate(schedule: Schedule, rng: random.Random) -> tuple[list[int], dict[int, int], list[int]]:
+    issue = [k.id for k in schedule.kernels]
+    stream_of = {k.id: k.stream for k in schedule.kernels}
+    threads = [s.threads for s in schedule.streams]
+    deps = schedule.dependencies()
+    users: dict[int, list[int]] = {}
+    for k, ds in deps.items():
+        for d in ds:
+            users.setdefault(d, []).append(k)
+    move = rng.random()
+    if move < 0.4:  # move one kernel within the window its dependencies allow
+        pos = {k: i for i, k in enumerate(issue)}
+        k = rng.choice(issue)
+        lo = max((pos[d] for d in deps[k]), default=-1) + 1
+        hi = min((pos[u] for u in users.get(k, [])), default=len(issue)) - 1
+        if hi > lo:
+            issue.remove(k)
+            issue.insert(rng.randint(lo, hi), k)
+    elif move < 0.7:  # move a run of one tenant's kernels to another stream
+        k = rng.choice(issue)
+        tenant = next(x.tenant for x in schedule.kernels if x.id == k)
+        target = rng.randrange(len(threads))
+        same = [x.id for x in schedule.kernels if x.tenant == tenant]
+        start = same.index(k)
+        for x in same[start : start + rng.randint(1, max(1, len(same) // 3))]:
+            stream_of[x] = target
+    elif move < 0.85:  # change the core split
+        threads = rng.choice(thread_splits(schedule.cores, len(threads)))
+    else:  # change the number of streams
+        n = rng.randint(1, MAX_STREAMS)
+        stream_of = {k: s % n for k, s in stream_of.items()}
+        threads = rng.choice(thread_splits(schedule.cores, n))
+    used = sorted(set(stream_of.values()))
+    remap = {s: i for i, s in enumerate(used)}  # drop empty streams
+    if len(used) != len(threads):
+        threads = rng.choice(thread_splits(schedule.cores, len(used)))
+    return issue, {k: remap[s] for k, s in stream_of.items()}, threads
+
+
+# -- features -----------------------------------------------------------------------------------------
+def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
+    """Replay a schedule on profiled latencies: makespan, per-stream busy time, overlap."""
+    cores = max(schedule.cores, 1)
+    threads = {s.id: s.threads for s in schedule.streams}
+    oversub = max(1.0, sum(threads.values()) / cores)
+    free = {s.id: 0.0 for s in schedule.streams}
+    finish: dict[int, float] = {}
+    spans = []
+    for k in schedule.kernels:  # issue order is a valid simulation order
+        start = max([free[k.stream]] + [finish[w] for w in k.waits])
+        dur = profile.latency(k.id, threads[k.stream], cores) * (oversub if len(threads) > 1 else 1.0)
+        finish[k.id] = start + dur
+        free[k.stream] = finish[k.id]
+        spans.append((start, finish[k.id], profile.nbytes[k.id] / max(dur, 1e-3)))
+    makespan = max(finish.values(), default=0.0)
+    busy = sorted((sum(profile.latency(k.id, threads[s], cores) for k in schedule.kernels if k.stream == s)
+                   for s in threads), reverse=True)
+    # Time with two or more kernels running, and the bandwidth they demand together (memory-bound pairs hurt).
+    points = sorted([(s, 1, bw) for s, _, bw in spans] + [(e, -1, bw) for _, e, bw in spans])
+    active, demand, last, overlap, overlap_bw = 0, 0.0, 0.0, 0.0, 0.0
+    for t, delta, bw in points:
+        if active >= 2:
+            overlap += t - last
+            overlap_bw += (t - last) * demand
+        active += delta
+        demand += delta * bw
+        last = t
+    return {"makespan": makespan, "busy": busy, "overlap": overlap, "overlap_bw": overlap_bw}
+
+
+def features(schedule: Schedule, profile: KernelProfile) -> np.ndarray:
+    """A fixed-length feature vector for the cost model (times relative to the sequential work)."""
+    sim = simulate(schedule, profile)
+    work_full = sum(profile.full.values()) or 1.0
+    work_one = sum(profile.one.values()) or 1.0
+    threads = sorted((s.threads for s in schedule.streams), reverse=True)
+    busy = [b / work_full for b in sim["busy"]]
+    waits = sum(len(k.waits) for k in schedule.kernels)
+    switches = sum(1 for a, b in zip(schedule.kernels, schedule.kernels[1:], strict=False) if a.tenant != b.tenant)
+    vec = [
+        schedule.num_streams,
+        sum(threads) / max(schedule.cores, 1),
+        waits / max(len(schedule.kernels), 1),
+        switches / max(len(schedule.kernels), 1),
+        sim["makespan"] / work_full,
+        sim["overlap"] / work_full,
+        sim["overlap_bw"] / max(work_full * max(profile.nbytes.values(), default=1), 1.0),
+        work_one / work_full,
+        *(busy + [0.0] * MAX_STREAMS)[:MAX_STREAMS],
+        *(threads + [0] * MAX_STREAMS)[:MAX_STREAMS],
+        len({k.tenant for k in schedule.kernels}),
+        max(busy, default=0.0),
+        min(busy, default=0.0),
+        len(schedule.kernels) / 100.0,
+    ]
+    return np.asarray(vec, dtype=np.float64)
+
+
+# -- the cost model -------------------------------------------------------------------------------------
+class CostModel:
+    """XGBoost regressor from schedule features to latency relative to the sequential schedule."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.x: list[list[float]] = []
+        self.y: list[float] = []
+        self.booster = None
+        if self.path and self.path.exists():
+            data = json.loads(self.path.read_text())
+            self.x, self.y = data["x"], data["y"]
+            self.fit()
+
+    def add(self, x: np.ndarray, y: float) -> None:
+        self.x.append([float(v) for v in x])
+        self.y.append(float(y))
+
+    def fit(self) -> None:
+        if len(self.y) < 4:
+            return
+        import xgboost as xgb
+
+        dtrain = xgb.DMatrix(np.asarray(self.x), label=np.asarray(self.y))
+        params = {"max_depth": 4, "eta": 0.2, "objective": "reg:squarederror", "nthread": 1, "verbosity": 0}
+        self.booster = xgb.train(params, dtrain, num_boost_round=60)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted relative latency; before there is enough data, the simulator's makespan stands in."""
+        x = np.atleast_2d(x)
+        if self.booster is None:
+            return x[:, 4] / np.maximum(x[:, 4].max(), 1e-9)
+        import xgboost as xgb
+
+        return self.booster.predict(xgb.DMatrix(x))
+
+    def save(self) -> None:
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"x": self.x, "y": self.y, "num_features": NUM_FEATURES}))
+            tmp.replace(self.path)
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra = np.argsort(np.argsort(a))
+    rb = np.argsort(np.argsort(b))
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
+    """Each kernel's latency alone (sequential order, one stream) at one thread and at the full budget."""
+    base = bundle.schedule
+    issue = [k.id for k in base.kernels]
+    result = {}
+    for label, threads in (("one", 1), ("full", base.cores)):
+        sched = rebuild(base, issue, {k: 0 for k in issue}, [threads], "profile")
+        b = bundle.with_schedule(sched, bundle.params())
+        runs = [b.profile(inputs, warmup=1 if r == 0 else 0) for r in range(repeat)]
+        result[label] = {e.kernel: float(np.median([r.events[i].end_us - r.events[i].start_us for r in runs]))
+                         for i, e in enumerate(runs[0].events)}
+    nbytes = {k.id: sum(base.buffers[b].nbytes for b in k.args) for k in base.kernels}
+    return KernelProfile(result["one"], result["full"], nbytes)
+
+
+def measure(bundle, schedules: list[Schedule], inputs, repeat: int = 5) -> list[float]:
+    """Median latency (ms) of each schedule, runs alternated across schedules."""
+    bundles = [bundle.with_schedule(s, bundle.params()) for s in schedules]
+    for b in bundles:
+        b.run(inputs)  # warm-up: workers and workspace
+    samples: list[list[float]] = [[] for _ in bundles]
+    for r in range(repeat):
+        for i in range(len(bundles)):
+            j = (i + r) % len(bundles)
+            t0 = time.perf_counter()
+            bundles[j].run(inputs)
+            samples[j].append((time.perf_counter() - t0) * 1e3)
+    return [float(np.median(s)) for s in samples]
+
+
+def seeds(bundle) -> list[Candidate]:
+    """The fixed strategies and policies over 1..min(#tenants+1, 4) streams, as starting candidates."""
+    from .compiler import schedule_module
+    from .extract import extract_schedule
+
+    if bundle.ir is None:
+        raise CoschedError("search needs a compiled bundle (with IR)", hint="use cosched.compile, not runtime.load")
+    cores = bundle.schedule.cores
+    tenants = len(bundle.tenants)
+    out = []
+    for strategy in ("sequential", "round_robin", "breadth_first"):
+        for streams in range(1, min(tenants + 1, MAX_STREAMS) + 1):
+            for policy in (("tenant", "balanced") if streams > 1 else ("tenant",)):
+                if policy == "tenant" and streams > tenants:
+                    continue
+                sched, _ = extract_schedule(schedule_module(bundle.ir, strategy, streams, policy, cores))
+                out.append(Candidate(sched, f"{strategy}/{policy}/{streams}"))
+    return out
+
+
+def search(
+    bundle,
+    inputs,
+    generations: int = 3,
+    population: int = 24,
+    measure_top: int = 4,
+    explore: int = 2,
+    repeat: int = 5,
+    model_path: str | Path | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> SearchReport:
+    """Search the co-schedule of a compiled bundle; returns the report with the best measured schedule.
+
+    Round 0 measures the fixed strategies; each of ``generations`` rounds mutates the best measured
+    schedules into ``population`` children, measures the ``measure_top`` the model ranks best plus
+    ``explore`` random ones, and retrains the model.
+    """
+    start = time.time()
+    rng = random.Random(seed)
+    log = log or (lambda _msg: None)
+    profile = profile_kernels(bundle, inputs)
+    model = CostModel(model_path)
+    cores = bundle.schedule.cores
+    sequential = rebuild(bundle.schedule, [k.id for k in _sequential_order(bundle.schedule)],
+                         {k.id: 0 for k in bundle.schedule.kernels}, [cores], "sequential/1 stream")
+    pool = seeds(bundle)
+    for c in pool:
+        c.features = features(c.schedule, profile)
+    measured: list[Candidate] = []
+
+    def run_batch(batch: list[Candidate]) -> float:
+        times = measure(bundle, [sequential] + [c.schedule for c in batch], inputs, repeat)
+        for c, t in zip(batch, times[1:], strict=True):
+            c.measured_ms = t
+            c.measured = t / times[0]
+            model.add(c.features, c.measured)
+            measured.append(c)
+        model.fit()
+        return times[0]
+
+    # Round 0: all fixed strategies, so the model starts from real data and the report can compare.
+    seq_ms = [run_batch(pool)]
+    fixed = {c.origin: c.measured for c in pool}
+    log(f"measured {len(pool)} fixed schedules; best {min(fixed.values()):.3f}x sequential")
+    for gen in range(generations):
+        parents = sorted(measured, key=lambda c: c.measured)[: max(4, measure_top)]
+        children = []
+        for _ in range(population):
+            parent = rng.choice(parents)
+            issue, stream_of, threads = _mutate(parent.schedule, rng)
+            child = Candidate(rebuild(parent.schedule, issue, stream_of, threads, f"gen{gen}<-{parent.origin}"),
+                              f"gen{gen}<-{parent.origin}")
+            child.features = features(child.schedule, profile)
+            children.append(child)
+        preds = model.predict(np.stack([c.features for c in children]))
+        for c, p in zip(children, preds, strict=True):
+            c.predicted = float(p)
+        ranked = sorted(children, key=lambda c: c.predicted)
+        # A few random children besides the model's picks: they keep the model honest (and its rank
+        # correlation meaningful), as the picks alone span only the predicted-best corner.
+        batch = ranked[:measure_top] + rng.sample(ranked[measure_top:], min(explore, len(ranked) - measure_top))
+        seq_ms.append(run_batch(batch))
+        log(f"generation {gen}: measured {len(batch)} of {len(children)}; "
+            f"best so far {min(c.measured for c in measured):.3f}x sequential")
+    model.save()
+    scored = [c for c in measured if c.predicted is not None]
+    rho = spearman([c.predicted for c in scored], [c.measured for c in scored])
+    best = min(measured, key=lambda c: c.measured)
+    if best.measured >= 1.0:  # nothing beat the sequential schedule on measurement: keep it
+        best = Candidate(sequential, "sequential/1 stream", measured=1.0, measured_ms=float(np.median(seq_ms)))
+    return SearchReport(best=best, sequential_ms=float(np.median(seq_ms)), fixed=fixed, measured=measured,
+                        rank_correlation=rho, seconds=time.time() - start)
+
+
+def _sequential_order(schedule: Schedule):
+    order = {t.name: i for i, t in enumerate(schedule.tenants)}
+    return sorted(schedule.kernels, key=lambda k: (order[k.tenant], k.id))
+
+
+def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **options):
+    """Search a compiled bundle's co-schedule and return (bundle with the winner, report).
+
+    With ``work_dir``, the cost model (``cost_model.json``) is kept there across runs and the winning
+    schedule is stored as ``searched_schedule.json``.
+    """
+    from cosched.passes import ApplySchedule
+    from cosched.runtime import Bundle
+
+    from .extract import extract_schedule
+
+    if inputs is None:
+        rng = np.random.default_rng(0)
+        inputs = {t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
+                  for t, specs in bundle.input_specs().items()}
+    model_path = Path(work_dir) / "cost_model.json" if work_dir else None
+    report = search(bundle, inputs, model_path=model_path, **options)
+    mod = ApplySchedule(report.best.schedule)(bundle.ir)
+    schedule, params = extract_schedule(mod)
+    if work_dir:
+        schedule.save(Path(work_dir) / "searched_schedule.json")
+    return Bundle(schedule, bundle.kernel_lib, params, ir=mod, target=bundle.target), report
