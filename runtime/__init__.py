@@ -4,8 +4,8 @@
 npz) without importing TVM's compiler.
 """
 
-from .bundle import Bundle, load
+from .bundle import Artifact, Bundle, load, read_artifact, read_manifest
 from .memory import MemoryPlan, plan_memory
 from .trace import Trace, TraceEvent
 
-__all__ = ["Bundle", "MemoryPlan", "Trace", "TraceEvent", "load", "plan_memory"]
+__all__ = ["Artifact", "Bundle", "read_artifact", "read_manifest", "MemoryPlan", "Trace", "TraceEvent", "load", "plan_memory"]

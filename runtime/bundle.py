@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ import tvm_ffi
 from cosched.errors import CoschedError
 from cosched.schedule import Schedule
 
-from .memory import ALIGN, MemoryPlan, plan_memory
-from .native import EXECUTOR_LIB, build_executor, load_executor, load_kernels
+from .device import make_device
+from .memory import MemoryPlan, plan_memory
+from .native import EXECUTORS, build_executor, load_kernels
 from .trace import Trace, TraceEvent
 
 FORMAT = "cosched-bundle"
@@ -27,26 +28,75 @@ FORMAT_VERSION = 1
 KERNELS_LIB = "kernels.so"
 
 
-def _aligned_empty(nbytes: int) -> np.ndarray:
-    """Uninitialised bytes aligned like TVM's own allocations (kernels may assume it)."""
-    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % ALIGN
-    return raw[offset : offset + nbytes]
+@dataclass
+class Artifact:
+    """What a bundle is made of: schedule, kernel library, params, target and device.
 
+    An artifact can be exported and read anywhere; running it (``load``) needs its device. This is
+    how a CUDA bundle is cross-compiled on a machine without a GPU and deployed to one.
+    """
 
-def _aligned_array(shape: list[int], dtype: str) -> np.ndarray:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return _aligned_empty(max(nbytes, 1))[:nbytes].view(dtype).reshape(shape)
+    schedule: Schedule
+    kernel_lib: Path
+    params: dict[int, np.ndarray]
+    target: str = ""
+    device: str = "cpu"
+    ir: Any = None
+    executor_lib: Path | None = None
+
+    def load(self) -> Bundle:
+        return Bundle(self)
+
+    def export(self, path: str | Path) -> Path:
+        """Write kernels, executor, schedule and params to a folder, atomically (temp folder, then rename)."""
+        path = Path(path).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        executor = self.executor_lib if self.executor_lib is not None else build_executor(self.device)
+        executor_name = EXECUTORS[self.device][1]
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            shutil.copyfile(self.kernel_lib, tmp / KERNELS_LIB)
+            shutil.copyfile(executor, tmp / executor_name)
+            self.schedule.save(tmp / "schedule.json")
+            np.savez(tmp / "params.npz", **{f"b{bid}": arr for bid, arr in self.params.items()})
+            if self.ir is not None:
+                (tmp / "ir.txt").write_text(self.ir.script() if hasattr(self.ir, "script") else str(self.ir))
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "target": self.target,
+                "device": self.device,
+                "tenants": self.schedule.tenant_names(),
+                "streams": self.schedule.num_streams,
+                "planned_bytes": plan_memory(self.schedule).planned_bytes,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": {"kernels": KERNELS_LIB, "executor": executor_name, "schedule": "schedule.json",
+                          "params": "params.npz"},
+            }
+            # The manifest last: a folder without one is never taken for a bundle.
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
 
 
 @dataclass
 class _Session:
-    """What one run needs to itself: workspace, input/output arrays and an executor with its workers."""
+    """What one run needs to itself: workspace, input/output tensors and an executor with its streams."""
 
     run: Any  # the executor's run(tensors, timings)
     tensors: list[Any]
-    inputs: dict[str, dict[str, np.ndarray]]
-    outputs: dict[str, list[np.ndarray]]
+    inputs: dict[str, dict[str, Any]]
+    outputs: dict[str, list[Any]]
+    storage: list[Any]  # keeps the planned blocks alive as long as the views into them
 
 
 class Bundle:
@@ -56,39 +106,27 @@ class Bundle:
     (workspace and stream workers); sessions are reused afterwards.
     """
 
-    def __init__(
-        self,
-        schedule: Schedule,
-        kernel_lib: str | Path,
-        params: dict[int, np.ndarray],
-        *,
-        executor_lib: str | Path | None = None,
-        ir: Any = None,
-        target: str = "",
-    ):
+    def __init__(self, artifact: Artifact):
+        schedule = artifact.schedule
         schedule.validate()
-        self.schedule = schedule
-        self.ir = ir
-        self.target = target
-        self.kernel_lib = Path(kernel_lib)
-        self._module = load_kernels(self.kernel_lib)
+        self.artifact = artifact
+        # The device first: without one, say so before the loader fails on missing driver libraries.
+        self._device = make_device(artifact.device, artifact.executor_lib)
+        self._module = load_kernels(artifact.kernel_lib, artifact.device)
         try:
             self._kernels = [self._module[k.func] for k in schedule.kernels]
         except Exception as err:
             raise CoschedError(f"kernel library lacks a kernel of the schedule: {err}",
                                hint="rebuild the bundle; schedule and kernels do not match") from None
-        self._executor_lib = Path(executor_lib) if executor_lib else build_executor()
-        self._create = load_executor(self._executor_lib)
         self._buffers = {b.id: b for b in schedule.buffers}
-        missing = [b.id for b in schedule.buffers if b.kind == "param" and b.id not in params]
+        missing = [b.id for b in schedule.buffers if b.kind == "param" and b.id not in artifact.params]
         if missing:
             raise CoschedError(f"params missing for buffers {missing[:5]}", hint="re-export the bundle")
         # Params are read-only and shared by all sessions.
         self._params = {}
-        for bid, value in params.items():
-            arr = _aligned_array(list(value.shape), str(value.dtype))
-            arr[...] = value
-            self._params[bid] = (arr, tvm_ffi.from_dlpack(arr))
+        for bid, value in artifact.params.items():
+            self._params[bid] = self._device.empty(list(value.shape), str(value.dtype))
+            self._device.upload(self._params[bid], value)
         self.memory: MemoryPlan = plan_memory(schedule)
         position = {k.id: i for i, k in enumerate(schedule.kernels)}
         self._plan_args = [list(k.args) for k in schedule.kernels]
@@ -96,6 +134,28 @@ class Bundle:
         self._plan_streams = [[position[k.id] for k in schedule.stream_kernels(s.id)] for s in schedule.streams]
         self._lock = threading.Lock()
         self._idle: list[_Session] = []
+        self.search_report = None
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.artifact.schedule
+
+    @property
+    def ir(self) -> Any:
+        """The annotated IRModule (None for a bundle loaded from disk; see ir.txt there)."""
+        return self.artifact.ir
+
+    @property
+    def target(self) -> str:
+        return self.artifact.target
+
+    @property
+    def device(self) -> str:
+        return self.artifact.device
+
+    @property
+    def kernel_lib(self) -> Path:
+        return self.artifact.kernel_lib
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -121,26 +181,19 @@ class Bundle:
 
     # -- running ----------------------------------------------------------------------------------
     def _new_session(self) -> _Session:
-        storage = [_aligned_empty(n) for n in self.memory.storage_bytes]
+        device = self._device
+        storage = [device.block(n) for n in self.memory.storage_bytes]
         tensors: list[Any] = [None] * (max(self._buffers) + 1)
-        inputs: dict[str, dict[str, np.ndarray]] = {}
-        outputs: dict[str, list[np.ndarray]] = {}
-        arrays: dict[int, np.ndarray] = {}
         for b in self.schedule.buffers:
             if b.kind == "param":
-                tensors[b.id] = self._params[b.id][1]
-                continue
-            if b.kind == "intermediate":
-                block = storage[self.memory.buffer_storage[b.id]]
-                arr = block[: b.nbytes].view(b.dtype).reshape(b.shape)
+                tensors[b.id] = self._params[b.id]
+            elif b.kind == "intermediate":
+                tensors[b.id] = device.view(storage[self.memory.buffer_storage[b.id]], b.shape, b.dtype)
             else:
-                arr = _aligned_array(b.shape, b.dtype)
-            arrays[b.id] = arr
-            tensors[b.id] = tvm_ffi.from_dlpack(arr)
-        for t in self.schedule.tenants:
-            inputs[t.name] = {n: arrays[b] for n, b in t.inputs.items()}
-            outputs[t.name] = [arrays[b] if b in arrays else self._params[b][0] for b in t.outputs]
-        run = self._create(
+                tensors[b.id] = device.empty(b.shape, b.dtype)
+        inputs = {t.name: {n: tensors[b] for n, b in t.inputs.items()} for t in self.schedule.tenants}
+        outputs = {t.name: [tensors[b] for b in t.outputs] for t in self.schedule.tenants}
+        run = device.create_executor(
             self._kernels,
             self._plan_args,
             self._plan_waits,
@@ -148,10 +201,7 @@ class Bundle:
             [s.threads for s in self.schedule.streams],
             max(self.schedule.cores, 1),
         )
-        # Keep the numpy storage alive as long as the tensors that view it.
-        session = _Session(run=run, tensors=tensors, inputs=inputs, outputs=outputs)
-        session.storage = storage  # type: ignore[attr-defined]
-        return session
+        return _Session(run=run, tensors=tensors, inputs=inputs, outputs=outputs, storage=storage)
 
     def _check_inputs(self, inputs: dict) -> dict[str, dict[str, np.ndarray]]:
         if not isinstance(inputs, dict):
@@ -194,9 +244,9 @@ class Bundle:
         try:
             for tenant, arrays in checked.items():
                 for name, arr in arrays.items():
-                    np.copyto(session.inputs[tenant][name], arr)
+                    self._device.upload(session.inputs[tenant][name], arr)
             session.run(session.tensors, None if timings is None else tvm_ffi.from_dlpack(timings))
-            return {t: [o.copy() for o in outs] for t, outs in session.outputs.items()}
+            return {t: [self._device.download(o) for o in outs] for t, outs in session.outputs.items()}
         finally:
             with self._lock:
                 self._idle.append(session)
@@ -215,56 +265,22 @@ class Bundle:
             TraceEvent(k.id, k.func, k.tenant, k.stream, float(t[0]) / 1e3, float(t[1]) / 1e3)
             for k, t in zip(self.schedule.kernels, timings, strict=True)
         ]
-        return Trace(events=events, num_streams=self.schedule.num_streams, tenants=self.tenants, device="cpu")
+        return Trace(events=events, num_streams=self.schedule.num_streams, tenants=self.tenants, device=self.device)
 
-    def with_schedule(self, schedule: Schedule, params: dict[int, np.ndarray]) -> Bundle:
-        """A bundle over the same kernels with another schedule (e.g. from search)."""
-        return Bundle(schedule, self.kernel_lib, params, executor_lib=self._executor_lib, ir=None, target=self.target)
+    def with_schedule(self, schedule: Schedule, params: dict[int, np.ndarray] | None = None) -> Bundle:
+        """A bundle over the same kernels with another schedule of the same module (e.g. from search)."""
+        return Bundle(replace(self.artifact, schedule=schedule, params=params or self.artifact.params, ir=None))
 
     def params(self) -> dict[int, np.ndarray]:
-        return {bid: arr for bid, (arr, _) in self._params.items()}
+        return dict(self.artifact.params)
 
-    # -- deployment -----------------------------------------------------------------------------
     def export(self, path: str | Path) -> Path:
-        """Write kernels, executor, schedule and params to a folder, atomically (temp folder, then rename)."""
-        path = Path(path).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            shutil.copyfile(self.kernel_lib, tmp / KERNELS_LIB)
-            shutil.copyfile(self._executor_lib, tmp / EXECUTOR_LIB)
-            self.schedule.save(tmp / "schedule.json")
-            np.savez(tmp / "params.npz", **{f"b{bid}": arr for bid, (arr, _) in self._params.items()})
-            if self.ir is not None:
-                (tmp / "ir.txt").write_text(self.ir.script() if hasattr(self.ir, "script") else str(self.ir))
-            manifest = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "target": self.target,
-                "device": "cpu",
-                "tenants": self.tenants,
-                "planned_bytes": self.planned_bytes,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "files": {"kernels": KERNELS_LIB, "executor": EXECUTOR_LIB, "schedule": "schedule.json",
-                          "params": "params.npz"},
-            }
-            # The manifest last: a folder without one is never taken for a bundle.
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        """Write the bundle to a folder that ``cosched.runtime.load`` reads; see :meth:`Artifact.export`."""
+        return self.artifact.export(path)
 
 
-def load(path: str | Path) -> Bundle:
-    """Load an exported bundle with the TVM runtime alone (no compiler, no pickle)."""
+def read_manifest(path: str | Path) -> dict:
+    """An exported bundle's manifest (target, device, tenants, files); needs no device and loads nothing."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
@@ -274,9 +290,21 @@ def load(path: str | Path) -> Bundle:
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise CoschedError(f"{path} has bundle format {manifest.get('format')} v{manifest.get('version')}",
                            hint=f"re-export it with this cosched ({FORMAT} v{FORMAT_VERSION})")
+    return manifest
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """An exported bundle as an Artifact: schedule and params read, no library loaded (works without its device)."""
+    path = Path(path)
+    manifest = read_manifest(path)
     files = manifest["files"]
     schedule = Schedule.load(path / files["schedule"])
     with np.load(path / files["params"], allow_pickle=False) as data:
         params = {int(key[1:]): data[key] for key in data.files}
-    return Bundle(schedule, path / files["kernels"], params, executor_lib=path / files["executor"],
-                  target=manifest.get("target", ""))
+    return Artifact(schedule, path / files["kernels"], params, target=manifest.get("target", ""),
+                    device=manifest.get("device", "cpu"), executor_lib=path / files["executor"])
+
+
+def load(path: str | Path) -> Bundle:
+    """Load an exported bundle with the TVM runtime alone (no compiler, no pickle)."""
+    return read_artifact(path).load()

@@ -19,8 +19,9 @@ import tvm_ffi  # noqa: E402
 
 from cosched.errors import CoschedError  # noqa: E402
 
-EXECUTOR_SOURCE = Path(__file__).parent / "src" / "executor.cc"
-EXECUTOR_LIB = "cosched_executor.so"
+SOURCES = Path(__file__).parent / "src"
+EXECUTORS = {"cpu": ("executor.cc", "cosched_executor.so"), "cuda": ("executor_cuda.cc", "cosched_executor_cuda.so")}
+FACTORIES = {"cpu": "create_cpu_executor", "cuda": "create_cuda_executor"}
 _RUNTIME_ENV = "COSCHED_TVM_RUNTIME"
 
 
@@ -38,8 +39,8 @@ def tvm_runtime_library() -> Path | None:
     return None
 
 
-def load_tvm_runtime() -> None:
-    """Make the TVM runtime's symbols (parallel launch, workspaces, thread pool) visible to kernels."""
+def load_tvm_runtime(device: str = "cpu") -> None:
+    """Make the TVM runtime's symbols (parallel launch, workspaces, thread pool; CUDA modules) visible."""
     path = tvm_runtime_library()
     if path is None or not path.exists():
         raise CoschedError(
@@ -48,19 +49,38 @@ def load_tvm_runtime() -> None:
         )
     # RTLD_GLOBAL: exported kernel libraries resolve TVMBackend* against it.
     ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    if device == "cuda":
+        # Registers the loader for the CUDA device code embedded in the kernel library.
+        ctypes.CDLL(str(path.with_name("libtvm_runtime_cuda.so")), mode=ctypes.RTLD_GLOBAL)
 
 
-def load_kernels(path: str | Path) -> tvm_ffi.Module:
+def load_kernels(path: str | Path, device: str = "cpu") -> tvm_ffi.Module:
     """Load an exported kernel library with tvm-ffi alone."""
-    load_tvm_runtime()
+    load_tvm_runtime(device)
     try:
         return tvm_ffi.load_module(str(path))
     except Exception as err:
         raise CoschedError(f"cannot load kernel library {path}: {err}", hint="re-export the bundle") from None
 
 
-def build_executor(build_directory: str | Path | None = None) -> Path:
-    """Compile the C++ executor with tvm-ffi's builder (cached); returns the shared library."""
+def cuda_home() -> Path | None:
+    """The CUDA toolkit: $CUDA_HOME, else the one nvcc belongs to."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates += [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"), reverse=True)]
+    return next((c for c in candidates if (c / "include" / "cuda_runtime.h").exists()), None)
+
+
+def build_executor(device: str = "cpu", build_directory: str | Path | None = None) -> Path:
+    """Compile the executor for ``device`` with tvm-ffi's builder (cached); returns the shared library.
+
+    The CUDA executor links the CUDA runtime statically, so a GPU machine needs only the driver.
+    """
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise CoschedError(
             "no C++ compiler to build the cosched executor",
@@ -68,12 +88,22 @@ def build_executor(build_directory: str | Path | None = None) -> Path:
         )
     from tvm_ffi.cpp import build
 
-    return Path(build("cosched_executor", sources=[str(EXECUTOR_SOURCE)], extra_cflags=["-O2", "-std=c++17"],
+    source, _ = EXECUTORS[device]
+    cflags, ldflags, includes = ["-O2", "-std=c++17"], [], [str(SOURCES)]
+    if device == "cuda":
+        home = cuda_home()
+        if home is None or not (home / "include" / "cuda_runtime.h").exists():
+            raise CoschedError("no CUDA toolkit to build the CUDA executor",
+                               hint="install the CUDA toolkit (nvcc) on the build machine or set CUDA_HOME")
+        includes.append(str(home / "include"))
+        ldflags = [f"-L{home / 'lib64'}", "-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread"]
+    name = Path(EXECUTORS[device][1]).stem
+    return Path(build(name, sources=[str(SOURCES / source)], extra_cflags=cflags, extra_ldflags=ldflags,
+                      extra_include_paths=includes,
                       build_directory=None if build_directory is None else str(build_directory)))
 
 
-def load_executor(path: str | Path | None = None) -> tvm_ffi.Function:
-    """The ``create_cpu_executor`` factory from a prebuilt library, or from a fresh (cached) build."""
-    lib = Path(path) if path is not None and Path(path).exists() else build_executor()
-    module = tvm_ffi.load_module(str(lib))
-    return module["create_cpu_executor"]
+def load_executor_module(device: str = "cpu", path: str | Path | None = None) -> tvm_ffi.Module:
+    """The executor library for ``device``: a prebuilt one (from a bundle), else a fresh (cached) build."""
+    lib = Path(path) if path is not None and Path(path).exists() else build_executor(device)
+    return tvm_ffi.load_module(str(lib))

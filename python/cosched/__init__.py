@@ -16,6 +16,7 @@ _LAZY = {
     "load_onnx": ".tenant",
     "from_relax": ".tenant",
     "compile": ".compiler",
+    "build": ".compiler",
     "reschedule": ".compiler",
     "tune": ".tuning",
     "Schedule": ".schedule",

@@ -89,6 +89,40 @@ def build_kernels(mod: tvm.IRModule, target: tvm.target.Target) -> Path:
     return path
 
 
+def _device_of(target: tvm.target.Target) -> str:
+    kind = target.kind.name
+    if kind not in ("llvm", "cuda"):
+        raise CoschedError(f"target kind {kind!r} is not supported", hint="use the host CPU (None) or 'cuda'")
+    return "cpu" if kind == "llvm" else "cuda"
+
+
+def build(
+    tenants: Sequence[Tenant | tvm.IRModule | str | Path | bytes | onnx.ModelProto],
+    target: str | dict | tvm.target.Target | None = None,
+    schedule: str = "breadth_first",
+    num_streams: int | None = None,
+    database: str | Path | None = None,
+    *,
+    policy: str = "auto",
+    cores: int | None = None,
+    order: Sequence[str | int] | None = None,
+):
+    """Compile the tenants into an Artifact without loading it: works for a CUDA target on a machine
+    without a GPU (cross-compilation); ``artifact.export(dir)`` then ships it."""
+    from cosched.runtime import Artifact
+
+    tenants = as_tenants(tenants)
+    tgt = as_target(target)
+    device = _device_of(tgt)
+    if schedule == "search":
+        raise CoschedError("schedule='search' measures on the device", hint="use cosched.compile on the target machine")
+    lowered = lower_tenants(tenants, tgt, database)
+    kernel_lib = build_kernels(lowered, tgt)
+    annotated = schedule_module(lowered, schedule, num_streams, policy, cores, order)
+    sched, params = extract_schedule(annotated)
+    return Artifact(sched, kernel_lib, params, target=str(tgt), device=device, ir=annotated)
+
+
 def compile(  # noqa: A001 - the name users expect, like tvm.compile
     tenants: Sequence[Tenant | tvm.IRModule | str | Path | bytes | onnx.ModelProto],
     target: str | dict | tvm.target.Target | None = None,
@@ -101,7 +135,7 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
     order: Sequence[str | int] | None = None,
     search_options: dict | None = None,
 ):
-    """Compile several models into one co-scheduled Bundle.
+    """Compile several models into one co-scheduled, loaded Bundle.
 
     ``schedule``: an interleaving strategy (sequential, round_robin, breadth_first), "explicit" with
     ``order``, or "search" (learned co-schedule search, measured on this machine; ``search_options``
@@ -109,19 +143,10 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
     ``num_streams`` defaults to min(#tenants, cores); ``policy`` assigns kernels to streams (auto,
     tenant, balanced, round_robin); ``database``: a MetaSchedule database directory.
     """
-    from cosched.runtime import Bundle
-
-    tenants = as_tenants(tenants)
-    tgt = as_target(target)
-    if tgt.kind.name != "llvm":
-        raise CoschedError(f"target kind {tgt.kind.name!r} is not supported by the runtime yet",
-                           hint="use the host CPU (target=None)")
-    lowered = lower_tenants(tenants, tgt, database)
-    kernel_lib = build_kernels(lowered, tgt)
     searching = schedule == "search"
-    annotated = schedule_module(lowered, "breadth_first" if searching else schedule, num_streams, policy, cores, order)
-    sched, params = extract_schedule(annotated)
-    bundle = Bundle(sched, kernel_lib, params, ir=annotated, target=str(tgt))
+    artifact = build(tenants, target, "breadth_first" if searching else schedule, num_streams, database,
+                     policy=policy, cores=cores, order=order)
+    bundle = artifact.load()
     if searching:
         from .search import searched_bundle
 
@@ -133,13 +158,13 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
 def reschedule(bundle, schedule: str = "breadth_first", num_streams: int | None = None, *, policy: str = "auto",
                cores: int | None = None, order: Sequence[str | int] | None = None):
     """The same kernels under another co-schedule (no recompilation)."""
-    from cosched.runtime import Bundle
+    from dataclasses import replace
 
     if bundle.ir is None:
         raise CoschedError("this bundle carries no IR (it was loaded from disk)", hint="reschedule the compiled bundle")
     annotated = schedule_module(bundle.ir, schedule, num_streams, policy, cores, order)
     sched, params = extract_schedule(annotated)
-    return Bundle(sched, bundle.kernel_lib, params, ir=annotated, target=bundle.target)
+    return replace(bundle.artifact, schedule=sched, params=params, ir=annotated).load()
 
 
-__all__ = ["as_tenants", "build_kernels", "compile", "lower_tenants", "reschedule", "schedule_module"]
+__all__ = ["as_tenants", "build", "build_kernels", "compile", "lower_tenants", "reschedule", "schedule_module"]

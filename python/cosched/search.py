@@ -398,8 +398,9 @@ def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **o
     With ``work_dir``, the cost model (``cost_model.json``) is kept there across runs and the winning
     schedule is stored as ``searched_schedule.json``.
     """
+    from dataclasses import replace
+
     from cosched.passes import ApplySchedule
-    from cosched.runtime import Bundle
 
     from .extract import extract_schedule
 
@@ -413,4 +414,4 @@ def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **o
     schedule, params = extract_schedule(mod)
     if work_dir:
         schedule.save(Path(work_dir) / "searched_schedule.json")
-    return Bundle(schedule, bundle.kernel_lib, params, ir=mod, target=bundle.target), report
+    return replace(bundle.artifact, schedule=schedule, params=params, ir=mod).load(), report

@@ -5,8 +5,8 @@
 // free; both waits block on a condition variable rather than spinning, so idle workers leave the
 // cores to the busy ones. Each worker sizes its own TVM thread pool (pools are per calling thread).
 //
-// The plan is the backend-neutral part. A CUDA backend keeps the same plan and replaces the workers by
-// one launcher that sets each kernel's stream and records/waits events (see Backend below).
+// The plan (plan.h) is backend-neutral: executor_cuda.cc runs the same plan with one launcher thread
+// that puts each kernel on its CUDA stream and orders streams with events.
 
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -22,18 +22,11 @@
 #include <thread>
 #include <vector>
 
+#include "plan.h"
+
 namespace ffi = tvm::ffi;
 
 namespace cosched {
-
-struct Plan {
-  std::vector<ffi::Function> kernels;               // per call, in issue order
-  std::vector<std::vector<int64_t>> args;           // tensor slots per call
-  std::vector<std::vector<int64_t>> waits;          // calls each call waits on
-  std::vector<std::vector<int64_t>> stream_calls;   // calls of each stream, in stream order
-  std::vector<int64_t> threads;                     // TVM pool size (cores) of each stream
-  int64_t core_budget = 1;
-};
 
 class CpuExecutor {
  public:
@@ -161,29 +154,12 @@ class CpuExecutor {
   std::chrono::steady_clock::time_point t0_;
 };
 
-std::vector<std::vector<int64_t>> ToVectors(const ffi::Array<ffi::Array<int64_t>>& arrays) {
-  std::vector<std::vector<int64_t>> out;
-  out.reserve(arrays.size());
-  for (const auto& a : arrays) out.emplace_back(a.begin(), a.end());
-  return out;
-}
-
 // Returns run(tensors, timings); the executor (and its workers) lives as long as that function.
 ffi::Function CreateCpuExecutor(ffi::Array<ffi::Function> kernels, ffi::Array<ffi::Array<int64_t>> args,
                                 ffi::Array<ffi::Array<int64_t>> waits,
                                 ffi::Array<ffi::Array<int64_t>> stream_calls, ffi::Array<int64_t> threads,
                                 int64_t core_budget) {
-  Plan plan;
-  plan.kernels.assign(kernels.begin(), kernels.end());
-  plan.args = ToVectors(args);
-  plan.waits = ToVectors(waits);
-  plan.stream_calls = ToVectors(stream_calls);
-  plan.threads.assign(threads.begin(), threads.end());
-  plan.core_budget = core_budget;
-  TVM_FFI_ICHECK_EQ(plan.args.size(), plan.kernels.size());
-  TVM_FFI_ICHECK_EQ(plan.waits.size(), plan.kernels.size());
-  TVM_FFI_ICHECK_EQ(plan.threads.size(), plan.stream_calls.size());
-  auto exec = std::make_shared<CpuExecutor>(std::move(plan));
+  auto exec = std::make_shared<CpuExecutor>(MakePlan(kernels, args, waits, stream_calls, threads, core_budget));
   return ffi::Function::FromTyped(
       [exec](ffi::Array<ffi::Tensor> tensors, ffi::Optional<ffi::Tensor> timings) {
         exec->Run(std::move(tensors), std::move(timings));
