@@ -12,7 +12,7 @@ import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-from cosched.compare import compare, load_models, shipped_database  # noqa: E402
+from cosched.compare import compare, load_models, shipped_database
 
 MIXES = {
     "demo": ("squeezenet", "shufflenet", "inception_v1"),
@@ -30,8 +30,13 @@ def main() -> int:
     args = parser.parse_args()
     for mix in args.mix:
         database = None if args.untuned else shipped_database(mix)
-        result = compare(load_models(MIXES[mix]), threads=args.threads, database=database, repeat=args.repeat,
-                         log=lambda m: print(m, file=sys.stderr))
+        result = compare(
+            load_models(MIXES[mix]),
+            threads=args.threads,
+            database=database,
+            repeat=args.repeat,
+            log=lambda m: print(m, file=sys.stderr),
+        )
         print(f"== mix {mix}: {'database ' + str(database) if database else 'UNTUNED kernels'}")
         print(result.header)
         print(result.table)

@@ -40,8 +40,14 @@ CONTENDERS = {
     "cosched breadth_first": ("breadth_first", "tenants", "tenant"),
     "cosched breadth_first balanced+1": ("breadth_first", "tenants+1", "balanced"),
 }
-TORCHVISION = {"resnet50": "resnet50", "squeezenet": "squeezenet1_0", "inception_v1": "googlenet",
-               "densenet121": "densenet121", "vgg19": "vgg19", "shufflenet": "shufflenet_v2_x1_0"}
+TORCHVISION = {
+    "resnet50": "resnet50",
+    "squeezenet": "squeezenet1_0",
+    "inception_v1": "googlenet",
+    "densenet121": "densenet121",
+    "vgg19": "vgg19",
+    "shufflenet": "shufflenet_v2_x1_0",
+}
 
 
 def build(out: Path, arch: str) -> None:
@@ -53,13 +59,15 @@ def build(out: Path, arch: str) -> None:
         for batch in BATCHES:
             tenants = []
             for name, model in models.items():
-                first = [i for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}][0]
+                inits = {x.name for x in model.graph.initializer}
+                first = next(i for i in model.graph.input if i.name not in inits)
                 shape = [batch] + [d.dim_value for d in first.type.tensor_type.shape.dim[1:]]
                 tenants.append(cosched.load_onnx(model, name=name, shapes={first.name: shape}))
             for contender, (strategy, streams, policy) in CONTENDERS.items():
                 n = {"tenants": len(tenants), "tenants+1": len(tenants) + 1}.get(streams, streams)
-                artifact = cosched.build(tenants, target={"kind": "cuda", "arch": arch}, schedule=strategy,
-                                         num_streams=n, policy=policy)
+                artifact = cosched.build(
+                    tenants, target={"kind": "cuda", "arch": arch}, schedule=strategy, num_streams=n, policy=policy
+                )
                 folder = out / f"{mix}-b{batch}" / contender.replace(" ", "_")
                 artifact.export(folder)
                 print(f"built {folder}", file=sys.stderr)
@@ -67,8 +75,12 @@ def build(out: Path, arch: str) -> None:
 
 def _gpu_utilisation() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "n/a"
 
@@ -103,8 +115,10 @@ def _torch_contenders(names, batch):
         torch.cuda.synchronize()
 
     label = "+".join(nets)
-    return {f"pytorch eager one-after-another ({label})": sequential,
-            f"pytorch eager stream per model ({label})": per_stream}
+    return {
+        f"pytorch eager one-after-another ({label})": sequential,
+        f"pytorch eager stream per model ({label})": per_stream,
+    }
 
 
 def run(bundles: Path, repeat: int) -> None:
@@ -119,19 +133,21 @@ def run(bundles: Path, repeat: int) -> None:
         loaded = {c: load(folder / c.replace(" ", "_")) for c in CONTENDERS}
         first = next(iter(loaded.values()))
         rng = np.random.default_rng(0)
-        inputs = {t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
-                  for t, specs in first.input_specs().items()}
+        inputs = {
+            t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
+            for t, specs in first.input_specs().items()
+        }
         reference = first.run(inputs)
         for name, bundle in loaded.items():
             out = bundle.run(inputs)
             for t in reference:
                 for a, b in zip(out[t], reference[t], strict=True):
                     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name} {t}")
-        runs = {name: (lambda b=bundle: b.run(inputs)) for name, bundle in loaded.items()}
+        runs = {name: (lambda b=bundle, x=inputs: b.run(x)) for name, bundle in loaded.items()}
         runs.update(_torch_contenders(MIXES[mix], int(batch)))
         samples = {name: [] for name in runs}
         for r in range(repeat + 2):
-            for i, name in enumerate(runs):
+            for i in range(len(runs)):
                 key = list(runs)[(i + r) % len(runs)]
                 t0 = time.perf_counter()
                 runs[key]()
@@ -146,14 +162,21 @@ def run(bundles: Path, repeat: int) -> None:
         for name, bundle in loaded.items():
             trace = bundle.profile(inputs)
             trace.save_chrome(folder / f"{name.replace(' ', '_')}.trace.json")
-        print(json.dumps({"mix": mix, "batch": int(batch),
-                          "median_ms": {k: statistics.median(v) for k, v in samples.items()}}))
+        print(
+            json.dumps(
+                {"mix": mix, "batch": int(batch), "median_ms": {k: statistics.median(v) for k, v in samples.items()}}
+            )
+        )
 
 
 def _gpu_name() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 

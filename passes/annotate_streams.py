@@ -72,8 +72,9 @@ def assign_streams(graph: BindingGraph, num_streams: int, policy: str, mod: tvm.
     return stream_of
 
 
-def write_schedule(graph: BindingGraph, kernel_nodes: list, records: list[Kernel], threads: list[int], cores: int,
-                   policy: str) -> relax.Function:
+def write_schedule(
+    graph: BindingGraph, kernel_nodes: list, records: list[Kernel], threads: list[int], cores: int, policy: str
+) -> relax.Function:
     """Main with kernels in the records' issue order, annotated with stream, order and waits.
 
     Call attrs carry the schedule for tools; bound names (``<tenant>_s<stream>_<order>``) and the
@@ -134,8 +135,17 @@ class AnnotateStreams:
         records = []
         for n in kernel_nodes:
             s = stream_of[n.index]
-            records.append(Kernel(id=kid[n.index], func="", tenant=graph.tenants[n.tenant], args=[], num_outputs=0,
-                                  stream=s, order=counters[s]))
+            records.append(
+                Kernel(
+                    id=kid[n.index],
+                    func="",
+                    tenant=graph.tenants[n.tenant],
+                    args=[],
+                    num_outputs=0,
+                    stream=s,
+                    order=counters[s],
+                )
+            )
             counters[s] += 1
         deps = {kid[i]: [kid[d] for d in ds] for i, ds in graph.kernel_deps().items()}
         assign_waits(records, deps, num_streams)
@@ -163,6 +173,7 @@ class ApplySchedule:
             raise CoschedError("the schedule's kernels do not match the module's", hint="search on this module")
         nodes = [by_kernel[k.id] for k in self.schedule.kernels]
         threads = [s.threads for s in self.schedule.streams]
-        func = write_schedule(graph, nodes, list(self.schedule.kernels), threads, self.schedule.cores,
-                              self.schedule.policy)
+        func = write_schedule(
+            graph, nodes, list(self.schedule.kernels), threads, self.schedule.cores, self.schedule.policy
+        )
         return replace_main(mod, func.with_attr(ATTR_STRATEGY, self.schedule.strategy))

@@ -139,7 +139,9 @@ def binding_graph(mod: tvm.IRModule) -> BindingGraph:
         owners = {param_tenant[v] for v in used if v in param_tenant} | {nodes[d].tenant for d in deps}
         owners.discard(-1)
         if len(owners) > 1 and kernel:
-            raise CoschedError(f"kernel {binding.var.name} reads tensors of several tenants", hint="tenants must be independent")
+            raise CoschedError(
+                f"kernel {binding.var.name} reads tensors of several tenants", hint="tenants must be independent"
+            )
         # The output tuple gathers all tenants: it belongs to none (-1).
         nodes.append(Node(i, binding, kernel, owners.pop() if len(owners) == 1 else -1, deps))
         index_of[binding.var] = i
@@ -151,8 +153,12 @@ def binding_graph(mod: tvm.IRModule) -> BindingGraph:
     return BindingGraph(func, tenants, nodes)
 
 
-def rebuild_main(graph: BindingGraph, order: list[int], renames: dict[int, str] | None = None,
-                 calls: dict[int, relax.Call] | None = None) -> relax.Function:
+def rebuild_main(
+    graph: BindingGraph,
+    order: list[int],
+    renames: dict[int, str] | None = None,
+    calls: dict[int, relax.Call] | None = None,
+) -> relax.Function:
     """Main with its bindings in ``order`` (node indices), optionally renamed and with new kernel calls."""
     func = graph.func
     renames = renames or {}
@@ -164,7 +170,11 @@ def rebuild_main(graph: BindingGraph, order: list[int], renames: dict[int, str] 
         old = node.binding.var
         value = calls.get(i, node.binding.value)
         if i in renames:
-            new = relax.DataflowVar(renames[i], old.ty) if isinstance(old, relax.DataflowVar) else relax.Var(renames[i], old.ty)
+            new = (
+                relax.DataflowVar(renames[i], old.ty)
+                if isinstance(old, relax.DataflowVar)
+                else relax.Var(renames[i], old.ty)
+            )
             var_map[old] = new
         bindings.append((node.binding.var, value))
     new_bindings = [relax.VarBinding(var_map.get(v, v), _substitute(value, var_map)) for v, value in bindings]

@@ -65,12 +65,16 @@ def _explicit(graph: BindingGraph, order: Sequence[str | int]) -> list[int]:
         if isinstance(item, str) and ":" in item:
             name, k = item.rsplit(":", 1)
             if name not in graph.tenants:
-                raise CoschedError(f"explicit order names unknown tenant in {item!r}", tenant=name,
-                                   hint=f"tenants are {graph.tenants}")
+                raise CoschedError(
+                    f"explicit order names unknown tenant in {item!r}", tenant=name, hint=f"tenants are {graph.tenants}"
+                )
             kernels = lists[graph.tenants.index(name)]
             if not k.isdigit() or int(k) >= len(kernels):
-                raise CoschedError(f"explicit order item {item!r} is out of range", tenant=name,
-                                   hint=f"this tenant has kernels 0..{len(kernels) - 1}")
+                raise CoschedError(
+                    f"explicit order item {item!r} is out of range",
+                    tenant=name,
+                    hint=f"this tenant has kernels 0..{len(kernels) - 1}",
+                )
             result.append(kernels[int(k)])
         else:
             if not 0 <= int(item) < len(flat):

@@ -8,4 +8,14 @@ from .bundle import Artifact, Bundle, load, read_artifact, read_manifest
 from .memory import MemoryPlan, plan_memory
 from .trace import Trace, TraceEvent
 
-__all__ = ["Artifact", "Bundle", "read_artifact", "read_manifest", "MemoryPlan", "Trace", "TraceEvent", "load", "plan_memory"]
+__all__ = [
+    "Artifact",
+    "Bundle",
+    "MemoryPlan",
+    "Trace",
+    "TraceEvent",
+    "load",
+    "plan_memory",
+    "read_artifact",
+    "read_manifest",
+]

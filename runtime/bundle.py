@@ -70,8 +70,12 @@ class Artifact:
                 "streams": self.schedule.num_streams,
                 "planned_bytes": plan_memory(self.schedule).planned_bytes,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "files": {"kernels": KERNELS_LIB, "executor": executor_name, "schedule": "schedule.json",
-                          "params": "params.npz"},
+                "files": {
+                    "kernels": KERNELS_LIB,
+                    "executor": executor_name,
+                    "schedule": "schedule.json",
+                    "params": "params.npz",
+                },
             }
             # The manifest last: a folder without one is never taken for a bundle.
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -116,8 +120,10 @@ class Bundle:
         try:
             self._kernels = [self._module[k.func] for k in schedule.kernels]
         except Exception as err:
-            raise CoschedError(f"kernel library lacks a kernel of the schedule: {err}",
-                               hint="rebuild the bundle; schedule and kernels do not match") from None
+            raise CoschedError(
+                f"kernel library lacks a kernel of the schedule: {err}",
+                hint="rebuild the bundle; schedule and kernels do not match",
+            ) from None
         self._buffers = {b.id: b for b in schedule.buffers}
         missing = [b.id for b in schedule.buffers if b.kind == "param" and b.id not in artifact.params]
         if missing:
@@ -208,16 +214,22 @@ class Bundle:
             raise CoschedError("inputs must be a dict {tenant: {input: array}}", hint=f"tenants are {self.tenants}")
         for name in inputs:
             if name not in self.tenants:
-                raise CoschedError("no such tenant in this bundle", tenant=str(name), hint=f"tenants are {self.tenants}")
+                raise CoschedError(
+                    "no such tenant in this bundle", tenant=str(name), hint=f"tenants are {self.tenants}"
+                )
         checked: dict[str, dict[str, np.ndarray]] = {}
         for tenant, specs in self.input_specs().items():
             if tenant not in inputs:
-                raise CoschedError("no inputs given for this tenant", tenant=tenant,
-                                   hint=f"pass {{'{tenant}': {{{', '.join(repr(n) for n in specs)}: array}}}}")
+                raise CoschedError(
+                    "no inputs given for this tenant",
+                    tenant=tenant,
+                    hint=f"pass {{'{tenant}': {{{', '.join(repr(n) for n in specs)}: array}}}}",
+                )
             given = inputs[tenant]
             if not isinstance(given, dict):
-                raise CoschedError("inputs must be a dict {input name: array}", tenant=tenant,
-                                   hint=f"inputs are {list(specs)}")
+                raise CoschedError(
+                    "inputs must be a dict {input name: array}", tenant=tenant, hint=f"inputs are {list(specs)}"
+                )
             for name in given:
                 if name not in specs:
                     raise CoschedError(f"unknown input {name!r}", tenant=tenant, hint=f"inputs are {list(specs)}")
@@ -227,11 +239,17 @@ class Bundle:
                     raise CoschedError(f"missing input {name!r}", tenant=tenant, hint=f"inputs are {list(specs)}")
                 arr = np.asarray(given[name])
                 if tuple(arr.shape) != shape:
-                    raise CoschedError(f"input {name!r} has shape {tuple(arr.shape)}, expected {shape}",
-                                       tenant=tenant, hint="compile the bundle for this shape or resize the input")
+                    raise CoschedError(
+                        f"input {name!r} has shape {tuple(arr.shape)}, expected {shape}",
+                        tenant=tenant,
+                        hint="compile the bundle for this shape or resize the input",
+                    )
                 if str(arr.dtype) != dtype:
-                    raise CoschedError(f"input {name!r} has dtype {arr.dtype}, expected {dtype}", tenant=tenant,
-                                       hint=f"convert it with .astype('{dtype}')")
+                    raise CoschedError(
+                        f"input {name!r} has dtype {arr.dtype}, expected {dtype}",
+                        tenant=tenant,
+                        hint=f"convert it with .astype('{dtype}')",
+                    )
                 checked[tenant][name] = arr
         return checked
 
@@ -284,12 +302,15 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
-        raise CoschedError(f"{path} is not a cosched bundle (no manifest.json)",
-                           hint="export one with Bundle.export(path)")
+        raise CoschedError(
+            f"{path} is not a cosched bundle (no manifest.json)", hint="export one with Bundle.export(path)"
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise CoschedError(f"{path} has bundle format {manifest.get('format')} v{manifest.get('version')}",
-                           hint=f"re-export it with this cosched ({FORMAT} v{FORMAT_VERSION})")
+        raise CoschedError(
+            f"{path} has bundle format {manifest.get('format')} v{manifest.get('version')}",
+            hint=f"re-export it with this cosched ({FORMAT} v{FORMAT_VERSION})",
+        )
     return manifest
 
 
@@ -301,8 +322,14 @@ def read_artifact(path: str | Path) -> Artifact:
     schedule = Schedule.load(path / files["schedule"])
     with np.load(path / files["params"], allow_pickle=False) as data:
         params = {int(key[1:]): data[key] for key in data.files}
-    return Artifact(schedule, path / files["kernels"], params, target=manifest.get("target", ""),
-                    device=manifest.get("device", "cpu"), executor_lib=path / files["executor"])
+    return Artifact(
+        schedule,
+        path / files["kernels"],
+        params,
+        target=manifest.get("target", ""),
+        device=manifest.get("device", "cpu"),
+        executor_lib=path / files["executor"],
+    )
 
 
 def load(path: str | Path) -> Bundle:

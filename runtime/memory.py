@@ -47,11 +47,7 @@ def plan_memory(schedule: Schedule) -> MemoryPlan:
             if buffers[b].kind != "intermediate" or b in placement:
                 continue
             size = buffers[b].nbytes
-            free = [
-                i
-                for i, past in enumerate(block_users)
-                if all(happens_before(u, k.id) and u != k.id for u in past)
-            ]
+            free = [i for i, past in enumerate(block_users) if all(happens_before(u, k.id) and u != k.id for u in past)]
             # Best fit: the smallest free block that is large enough, else the largest one, grown.
             fitting = [i for i in free if blocks[i] >= size]
             if fitting:

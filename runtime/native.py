@@ -15,9 +15,9 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 # runtime.config_threadpool can only shrink it: let pools reach every core, then size each worker's.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-import tvm_ffi  # noqa: E402
+import tvm_ffi
 
-from cosched.errors import CoschedError  # noqa: E402
+from cosched.errors import CoschedError
 
 SOURCES = Path(__file__).parent / "src"
 EXECUTORS = {"cpu": ("executor.cc", "cosched_executor.so"), "cuda": ("executor_cuda.cc", "cosched_executor_cuda.so")}
@@ -93,14 +93,23 @@ def build_executor(device: str = "cpu", build_directory: str | Path | None = Non
     if device == "cuda":
         home = cuda_home()
         if home is None or not (home / "include" / "cuda_runtime.h").exists():
-            raise CoschedError("no CUDA toolkit to build the CUDA executor",
-                               hint="install the CUDA toolkit (nvcc) on the build machine or set CUDA_HOME")
+            raise CoschedError(
+                "no CUDA toolkit to build the CUDA executor",
+                hint="install the CUDA toolkit (nvcc) on the build machine or set CUDA_HOME",
+            )
         includes.append(str(home / "include"))
         ldflags = [f"-L{home / 'lib64'}", "-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread"]
     name = Path(EXECUTORS[device][1]).stem
-    return Path(build(name, sources=[str(SOURCES / source)], extra_cflags=cflags, extra_ldflags=ldflags,
-                      extra_include_paths=includes,
-                      build_directory=None if build_directory is None else str(build_directory)))
+    return Path(
+        build(
+            name,
+            sources=[str(SOURCES / source)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            extra_include_paths=includes,
+            build_directory=None if build_directory is None else str(build_directory),
+        )
+    )
 
 
 def load_executor_module(device: str = "cpu", path: str | Path | None = None) -> tvm_ffi.Module:

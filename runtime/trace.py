@@ -63,8 +63,16 @@ class Trace:
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps({"events": [asdict(e) for e in self.events], "num_streams": self.num_streams,
-                                    "tenants": self.tenants, "device": self.device}))
+        path.write_text(
+            json.dumps(
+                {
+                    "events": [asdict(e) for e in self.events],
+                    "num_streams": self.num_streams,
+                    "tenants": self.tenants,
+                    "device": self.device,
+                }
+            )
+        )
         return path
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
@@ -86,8 +94,11 @@ class Trace:
         ax.invert_yaxis()
         ax.set_xlabel("time (ms)")
         busy = sum(self.busy_us(s) for s in range(self.num_streams))
-        ax.set_title(title or f"{self.device}: makespan {self.makespan_us / 1000:.2f} ms, "
-                              f"kernel time {busy / 1000:.2f} ms over {self.num_streams} stream(s)")
+        ax.set_title(
+            title
+            or f"{self.device}: makespan {self.makespan_us / 1000:.2f} ms, "
+            f"kernel time {busy / 1000:.2f} ms over {self.num_streams} stream(s)"
+        )
         ax.legend(handles=[Patch(color=c, label=t) for t, c in color_of.items()], loc="upper right", fontsize=8)
         fig.tight_layout()
         path = Path(path)

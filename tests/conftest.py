@@ -5,11 +5,11 @@ import os
 # Before TVM creates a thread pool: pinning would serialize the stream workers on one core.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-import cosched  # noqa: E402
-from cosched.models import light_model, tiny_cnn  # noqa: E402
+import cosched
+from cosched.models import light_model, tiny_cnn
 
 DEMO_MIX = ("squeezenet", "shufflenet", "inception_v1")
 

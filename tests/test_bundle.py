@@ -1,5 +1,6 @@
 """Bundle behaviour: bad input errors, thread safety, export/reload in a fresh process, traces."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -31,9 +32,18 @@ def test_bad_inputs_name_the_tenant_and_the_fix(tiny_bundle, tiny_inputs):
         ({k: v for k, v in good.items() if k != "beta"}, "tenant 'beta': no inputs given"),
         ({**good, "delta": {"input": good["alpha"]["input"]}}, "tenant 'delta': no such tenant"),
         ({**good, "alpha": {}}, "tenant 'alpha': missing input 'input'"),
-        ({**good, "alpha": {**good["alpha"], "extra": good["alpha"]["input"]}}, "tenant 'alpha': unknown input 'extra'"),
-        ({**good, "gamma": {"input": np.zeros((1, 3, 16, 16), "float32")}}, r"tenant 'gamma': input 'input' has shape \(1, 3, 16, 16\), expected \(1, 3, 20, 20\)"),
-        ({**good, "alpha": {"input": good["alpha"]["input"].astype("float64")}}, r"tenant 'alpha'.*dtype float64.*astype\('float32'\)"),
+        (
+            {**good, "alpha": {**good["alpha"], "extra": good["alpha"]["input"]}},
+            "tenant 'alpha': unknown input 'extra'",
+        ),
+        (
+            {**good, "gamma": {"input": np.zeros((1, 3, 16, 16), "float32")}},
+            r"tenant 'gamma': input 'input' has shape \(1, 3, 16, 16\), expected \(1, 3, 20, 20\)",
+        ),
+        (
+            {**good, "alpha": {"input": good["alpha"]["input"].astype("float64")}},
+            r"tenant 'alpha'.*dtype float64.*astype\('float32'\)",
+        ),
     ]
     for inputs, message in cases:
         with pytest.raises(CoschedError, match=message):
@@ -61,8 +71,12 @@ def test_unsupported_operator_is_a_cosched_error(tmp_path):
     from onnx import TensorProto, helper
 
     node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
     with pytest.raises(CoschedError, match="tenant 'weird'"):
         cosched.load_onnx(model, name="weird")
@@ -71,7 +85,7 @@ def test_unsupported_operator_is_a_cosched_error(tmp_path):
 def test_symbolic_shapes_need_shapes_argument(tiny_models):
     model = type(tiny_models["alpha"]).FromString(tiny_models["alpha"].SerializeToString())
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    with pytest.raises(CoschedError, match="symbolic shape.*shapes="):
+    with pytest.raises(CoschedError, match=r"symbolic shape.*shapes="):
         cosched.load_onnx(model, name="alpha")
     tenant = cosched.load_onnx(model, name="alpha", shapes={"input": (2, 3, 16, 16)})
     assert tenant.inputs[0].shape == (2, 3, 16, 16)
@@ -167,7 +181,7 @@ def test_profile_trace_respects_the_schedule(tiny_bundle, tiny_inputs, tmp_path)
     by_kernel = {e.kernel: e for e in trace.events}
     for s in range(schedule.num_streams):
         events = [by_kernel[k.id] for k in schedule.stream_kernels(s)]
-        for a, b in zip(events, events[1:], strict=False):
+        for a, b in itertools.pairwise(events):
             assert a.end_us <= b.start_us  # a stream runs its kernels one after another, in order
     for k in schedule.kernels:
         for w in k.waits:

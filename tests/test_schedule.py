@@ -19,7 +19,11 @@ def lowered(demo_tenants):
 
 @pytest.mark.parametrize(
     ("strategy", "num_streams", "policy"),
-    list(itertools.product(["sequential", "round_robin", "breadth_first"], [1, 2, 3, 4], ["auto", "balanced", "round_robin"])),
+    list(
+        itertools.product(
+            ["sequential", "round_robin", "breadth_first"], [1, 2, 3, 4], ["auto", "balanced", "round_robin"]
+        )
+    ),
 )
 def test_every_schedule_is_valid_and_minimal(lowered, strategy, num_streams, policy):
     schedule, _ = extract_schedule(schedule_module(lowered, strategy, num_streams, policy))

@@ -18,15 +18,22 @@ def searched(tmp_path_factory):
         for i, (n, w, s) in enumerate([("a", 16, 32), ("b", 24, 24), ("c", 8, 40)])
     ]
     bundle = cosched.compile(
-        tenants, schedule="search",
-        search_options={"work_dir": work, "generations": 1, "population": 8, "measure_top": 2, "explore": 2,
-                        "repeat": 3},
+        tenants,
+        schedule="search",
+        search_options={
+            "work_dir": work,
+            "generations": 1,
+            "population": 8,
+            "measure_top": 2,
+            "explore": 2,
+            "repeat": 3,
+        },
     )
     return bundle, tenants, work
 
 
 def test_search_returns_a_valid_schedule_never_slower_than_sequential(searched):
-    bundle, tenants, work = searched
+    bundle, _, work = searched
     report = bundle.search_report
     bundle.schedule.validate()
     assert report.best.measured <= 1.0  # measured relative to the sequential schedule, same batch

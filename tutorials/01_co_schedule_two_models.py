@@ -12,13 +12,13 @@ from pathlib import Path
 # Must be set before TVM creates a thread pool, or the pool pins every worker to core 0.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
+import numpy as np
+import tvm
 
-import cosched  # noqa: E402
-from cosched.models import light_model  # noqa: E402
-from cosched.passes import AnnotateStreams, InterleaveOperators, LowerKernels, MergeTenants, stack_tenants  # noqa: E402
-from cosched.target import host_target  # noqa: E402
+import cosched
+from cosched.models import light_model
+from cosched.passes import AnnotateStreams, InterleaveOperators, LowerKernels, MergeTenants, stack_tenants
+from cosched.target import host_target
 
 out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="cosched-tutorial-"))
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,8 +42,9 @@ print("\n".join(line for line in script.splitlines() if "R.call_tir" in line)[:1
 # 4. cosched.compile runs the same pipeline, builds the kernels and returns a runnable bundle.
 bundle = cosched.compile(tenants, target=target, schedule="breadth_first", num_streams=2)
 print(bundle.schedule.summary())
-print(f"planned memory: {bundle.planned_bytes / 2**20:.1f} MiB "
-      f"(without reuse {bundle.unplanned_bytes / 2**20:.1f} MiB)")
+print(
+    f"planned memory: {bundle.planned_bytes / 2**20:.1f} MiB (without reuse {bundle.unplanned_bytes / 2**20:.1f} MiB)"
+)
 
 rng = np.random.default_rng(0)
 inputs = {t.name: {i.name: rng.standard_normal(i.shape).astype(i.dtype) for i in t.inputs} for t in tenants}

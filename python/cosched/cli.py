@@ -7,13 +7,13 @@ import os
 # Before anything imports TVM: pinning would serialize every worker thread on core 0.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
 
-from .errors import CoschedError  # noqa: E402
+from .errors import CoschedError
 
 DEMO_MIX = ("squeezenet", "shufflenet", "inception_v1")
 
@@ -21,13 +21,22 @@ DEMO_MIX = ("squeezenet", "shufflenet", "inception_v1")
 def _bench(args: argparse.Namespace) -> int:
     from .compare import compare, load_models
 
-    result = compare(load_models(args.models), threads=args.threads, database=args.database,
-                     strategies=args.strategies, num_streams=args.streams, repeat=args.repeat)
+    result = compare(
+        load_models(args.models),
+        threads=args.threads,
+        database=args.database,
+        strategies=args.strategies,
+        num_streams=args.streams,
+        repeat=args.repeat,
+    )
     print(result.header)
     print(result.table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": result.header, "table": result.table,
-                                               "results": json.loads(_results_json(result))}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"header": result.header, "table": result.table, "results": json.loads(_results_json(result))}, indent=1
+            )
+        )
     return 0
 
 
@@ -44,8 +53,9 @@ def _compile(args: argparse.Namespace) -> int:
 
     models = load_models(args.models)
     tenants = [load_onnx(m, name=n) for n, m in models.items()]
-    bundle = compile_bundle(tenants, schedule=args.schedule, num_streams=args.streams, database=args.database,
-                            cores=args.threads)
+    bundle = compile_bundle(
+        tenants, schedule=args.schedule, num_streams=args.streams, database=args.database, cores=args.threads
+    )
     print(bundle.schedule.summary())
     print(f"exported to {bundle.export(args.output)}")
     return 0
@@ -58,8 +68,10 @@ def _run(args: argparse.Namespace) -> int:
 
     bundle = load(args.bundle)
     rng = np.random.default_rng(0)
-    inputs = {t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
-              for t, specs in bundle.input_specs().items()}
+    inputs = {
+        t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
+        for t, specs in bundle.input_specs().items()
+    }
     bundle.run(inputs)
     times = []
     for _ in range(args.repeat):
@@ -78,8 +90,13 @@ def _tune(args: argparse.Namespace) -> int:
     from .tuning import tune
 
     models = load_models(args.models)
-    report = tune(list(models.values()), work_dir=args.work_dir, trials=args.trials,
-                  time_budget=None if args.budget is None else args.budget * 60, names=list(models))
+    report = tune(
+        list(models.values()),
+        work_dir=args.work_dir,
+        trials=args.trials,
+        time_budget=None if args.budget is None else args.budget * 60,
+        names=list(models),
+    )
     print(report)
     return 0
 
@@ -105,8 +122,10 @@ def demo(out: Path, threads: int | None = None, repeat: int = 10) -> int:
             print(f"shipped database not usable here ({err}); running untuned")
             database = None
     if database is None:
-        print(f"no tuned database for this CPU ({host_cpu()}): kernels are UNTUNED and single-threaded, so the "
-              "numbers below say little about co-scheduling (run `cosched tune` to tune them)")
+        print(
+            f"no tuned database for this CPU ({host_cpu()}): kernels are UNTUNED and single-threaded, so the "
+            "numbers below say little about co-scheduling (run `cosched tune` to tune them)"
+        )
     else:
         print(f"using the shipped MetaSchedule database {database}")
 
@@ -129,8 +148,10 @@ def demo(out: Path, threads: int | None = None, repeat: int = 10) -> int:
     print("\n" + result.header)
     print(result.table)
     trace = bundle.profile(inputs)
-    png = trace.plot(out / "gantt.png", title=f"cosched breadth_first on {bundle.schedule.num_streams} streams: "
-                                               f"{', '.join(DEMO_MIX)}")
+    png = trace.plot(
+        out / "gantt.png",
+        title=f"cosched breadth_first on {bundle.schedule.num_streams} streams: {', '.join(DEMO_MIX)}",
+    )
     chrome = trace.save_chrome(out / "trace.json")
     (out / "bench.txt").write_text(result.header + "\n" + result.table + "\n")
     print(f"\nwrote {png} (Gantt chart), {chrome} (open in ui.perfetto.dev) and {out / 'bench.txt'}")
@@ -142,8 +163,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosched", description="Compile several DNN models into one "
-                                     "co-scheduled TVM module, run and benchmark it.")
+    parser = argparse.ArgumentParser(
+        prog="cosched", description="Compile several DNN models into one co-scheduled TVM module, run and benchmark it."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     models_help = "light model names (squeezenet, shufflenet, inception_v1, resnet50, ...) or .onnx paths"
 

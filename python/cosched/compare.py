@@ -31,14 +31,18 @@ def load_models(specs: Sequence[str], seed: int = 0) -> dict[str, onnx.ModelProt
         else:
             path = Path(spec)
             if not path.exists():
-                raise CoschedError(f"no such model file or light model name: {spec}", tenant=path.stem,
-                                   hint=f"use a .onnx path or one of {', '.join(LIGHT_MODELS)}")
+                raise CoschedError(
+                    f"no such model file or light model name: {spec}",
+                    tenant=path.stem,
+                    hint=f"use a .onnx path or one of {', '.join(LIGHT_MODELS)}",
+                )
             name = path.stem
             try:
                 model = onnx.load(str(path))
             except Exception as err:
-                raise CoschedError(f"{path} is not a valid ONNX file: {err}", tenant=name,
-                                   hint="re-export the model") from None
+                raise CoschedError(
+                    f"{path} is not a valid ONNX file: {err}", tenant=name, hint="re-export the model"
+                ) from None
         base, i = name, 2
         while name in models:  # the same model twice is a legitimate mix (two tenants)
             name, i = f"{base}_{i}", i + 1
@@ -80,8 +84,9 @@ def cosched_contender(name: str, bundle, inputs) -> bench.Contender:
     def run() -> None:
         last["out"] = bundle.run(inputs)
 
-    return bench.Contender(name=name, run=run, memory_bytes=bundle.planned_bytes, memory_source="planned",
-                           outputs=lambda: last["out"])
+    return bench.Contender(
+        name=name, run=run, memory_bytes=bundle.planned_bytes, memory_source="planned", outputs=lambda: last["out"]
+    )
 
 
 def compare(
@@ -120,16 +125,21 @@ def compare(
                 for a, b in zip(outs, got[tenant], strict=True):
                     rtol = 1e-5 if c.name.startswith("cosched") else 1e-3
                     if not np.allclose(a, b.reshape(a.shape), rtol=rtol, atol=1e-6):
-                        raise CoschedError(f"{c.name} disagrees with {contenders[0].name}", tenant=tenant,
-                                           hint="this is a bug: please report it with the models used")
+                        raise CoschedError(
+                            f"{c.name} disagrees with {contenders[0].name}",
+                            tenant=tenant,
+                            hint="this is a bug: please report it with the models used",
+                        )
         log(f"outputs agree across {len(contenders)} contenders; timing {repeat} alternating rounds")
         results = bench.measure(contenders, repeat=repeat, warmup=warmup)
     finally:
         for c in contenders:
             if c.close is not None:
                 c.close()
-    head = bench.header(threads, target) + f"\nmodels  : {', '.join(models)}; streams: " + ", ".join(
-        f"{s}={b.schedule.num_streams}" for s, b in bundles.items()
+    head = (
+        bench.header(threads, target)
+        + f"\nmodels  : {', '.join(models)}; streams: "
+        + ", ".join(f"{s}={b.schedule.num_streams}" for s, b in bundles.items())
     )
     table = bench.format_table(results, "relax-vm-seq")
     return Comparison(header=head, results=results, table=table, bundles=bundles)

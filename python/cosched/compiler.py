@@ -41,7 +41,9 @@ def as_tenants(tenants: Sequence[Tenant | tvm.IRModule | str | Path | bytes | on
     return result
 
 
-def lower_tenants(tenants: Sequence[Tenant], target: tvm.target.Target, database: str | Path | None = None) -> tvm.IRModule:
+def lower_tenants(
+    tenants: Sequence[Tenant], target: tvm.target.Target, database: str | Path | None = None
+) -> tvm.IRModule:
     """Merge the tenants into one main and lower it to (tuned) TIR kernels."""
     from cosched.passes import LowerKernels, MergeTenants, stack_tenants
 
@@ -55,8 +57,10 @@ def lower_tenants(tenants: Sequence[Tenant], target: tvm.target.Target, database
     except CoschedError:
         raise
     except Exception as err:
-        raise CoschedError(f"lowering failed: {str(err).strip().splitlines()[-1]}",
-                           hint="check the models' operators are supported by TVM's Relax legalization") from None
+        raise CoschedError(
+            f"lowering failed: {str(err).strip().splitlines()[-1]}",
+            hint="check the models' operators are supported by TVM's Relax legalization",
+        ) from None
 
 
 def schedule_module(
@@ -144,8 +148,16 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
     tenant, balanced, round_robin); ``database``: a MetaSchedule database directory.
     """
     searching = schedule == "search"
-    artifact = build(tenants, target, "breadth_first" if searching else schedule, num_streams, database,
-                     policy=policy, cores=cores, order=order)
+    artifact = build(
+        tenants,
+        target,
+        "breadth_first" if searching else schedule,
+        num_streams,
+        database,
+        policy=policy,
+        cores=cores,
+        order=order,
+    )
     bundle = artifact.load()
     if searching:
         from .search import searched_bundle
@@ -155,8 +167,15 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
     return bundle
 
 
-def reschedule(bundle, schedule: str = "breadth_first", num_streams: int | None = None, *, policy: str = "auto",
-               cores: int | None = None, order: Sequence[str | int] | None = None):
+def reschedule(
+    bundle,
+    schedule: str = "breadth_first",
+    num_streams: int | None = None,
+    *,
+    policy: str = "auto",
+    cores: int | None = None,
+    order: Sequence[str | int] | None = None,
+):
     """The same kernels under another co-schedule (no recompilation)."""
     from dataclasses import replace
 

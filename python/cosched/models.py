@@ -35,7 +35,9 @@ def light_model_path(name: str) -> Path:
     return path
 
 
-def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], op: str, index: int, node: onnx.NodeProto) -> np.ndarray:
+def _random_tensor(
+    rng: np.random.Generator, shape: tuple[int, ...], op: str, index: int, node: onnx.NodeProto
+) -> np.ndarray:
     """A value for a weight that keeps activations of a deep net in a sane range."""
     if op == "Conv" and index == 1:
         fan_in = int(np.prod(shape[1:])) or 1
@@ -111,8 +113,9 @@ def random_inputs(shapes: dict[str, tuple[tuple[int, ...], str]], seed: int = 0)
     return {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
 
 
-def tiny_cnn(name: str = "tiny", seed: int = 0, width: int = 8, depth: int = 2, size: int = 16,
-             classes: int = 10) -> onnx.ModelProto:
+def tiny_cnn(
+    name: str = "tiny", seed: int = 0, width: int = 8, depth: int = 2, size: int = 16, classes: int = 10
+) -> onnx.ModelProto:
     """A small CNN (conv-relu blocks, pooling, a residual add, gemm, softmax) that compiles in seconds."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []

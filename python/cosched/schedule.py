@@ -268,11 +268,7 @@ def assign_waits(kernels: list[Kernel], deps: dict[int, list[int]], num_streams:
     for k in kernels:
         clock = last[k.stream]
         needed = [d for d in deps[k.id] if clock[by_id[d].stream] < by_id[d].order]
-        waits = [
-            d
-            for d in needed
-            if not any(o != d and finish[o][by_id[d].stream] >= by_id[d].order for o in needed)
-        ]
+        waits = [d for d in needed if not any(o != d and finish[o][by_id[d].stream] >= by_id[d].order for o in needed)]
         k.waits = sorted(waits)
         for w in waits:
             clock = [max(a, b) for a, b in zip(clock, finish[w], strict=True)]

@@ -75,13 +75,16 @@ class SearchReport:
         for name, rel in sorted(self.fixed.items(), key=lambda kv: kv[1]):
             lines.append(f"  fixed {name:<28} {rel:.3f}x")
         if self.rank_correlation is not None:
-            lines.append(f"  cost model rank correlation (predicted vs measured, Spearman): {self.rank_correlation:.2f}")
+            lines.append(
+                f"  cost model rank correlation (predicted vs measured, Spearman): {self.rank_correlation:.2f}"
+            )
         return "\n".join(lines)
 
 
 # -- schedule IR edits ----------------------------------------------------------------------------
-def rebuild(schedule: Schedule, issue: list[int], stream_of: dict[int, int], threads: list[int],
-            origin: str) -> Schedule:
+def rebuild(
+    schedule: Schedule, issue: list[int], stream_of: dict[int, int], threads: list[int], origin: str
+) -> Schedule:
     """A schedule with the given issue order, streams and core split; orders and minimal waits recomputed."""
     by_id = {k.id: k for k in schedule.kernels}
     kernels = [copy.copy(by_id[i]) for i in issue]
@@ -92,9 +95,15 @@ def rebuild(schedule: Schedule, issue: list[int], stream_of: dict[int, int], thr
         counters[k.stream] += 1
     deps = schedule.dependencies()
     assign_waits(kernels, deps, len(threads))
-    return Schedule(kernels=kernels, buffers=schedule.buffers, tenants=schedule.tenants,
-                    streams=[Stream(i, t) for i, t in enumerate(threads)], strategy=origin,
-                    policy="search", cores=schedule.cores)
+    return Schedule(
+        kernels=kernels,
+        buffers=schedule.buffers,
+        tenants=schedule.tenants,
+        streams=[Stream(i, t) for i, t in enumerate(threads)],
+        strategy=origin,
+        policy="search",
+        cores=schedule.cores,
+    )
 
 
 def thread_splits(cores: int, streams: int) -> list[list[int]]:
@@ -164,8 +173,10 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
         free[k.stream] = finish[k.id]
         spans.append((start, finish[k.id], profile.nbytes[k.id] / max(dur, 1e-3)))
     makespan = max(finish.values(), default=0.0)
-    busy = sorted((sum(profile.latency(k.id, threads[s], cores) for k in schedule.kernels if k.stream == s)
-                   for s in threads), reverse=True)
+    busy = sorted(
+        (sum(profile.latency(k.id, threads[s], cores) for k in schedule.kernels if k.stream == s) for s in threads),
+        reverse=True,
+    )
     # Time with two or more kernels running, and the bandwidth they demand together (memory-bound pairs hurt).
     points = sorted([(s, 1, bw) for s, _, bw in spans] + [(e, -1, bw) for _, e, bw in spans])
     active, demand, last, overlap, overlap_bw = 0, 0.0, 0.0, 0.0, 0.0
@@ -271,8 +282,10 @@ def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
         sched = rebuild(base, issue, {k: 0 for k in issue}, [threads], "profile")
         b = bundle.with_schedule(sched, bundle.params())
         runs = [b.profile(inputs, warmup=1 if r == 0 else 0) for r in range(repeat)]
-        result[label] = {e.kernel: float(np.median([r.events[i].end_us - r.events[i].start_us for r in runs]))
-                         for i, e in enumerate(runs[0].events)}
+        result[label] = {
+            e.kernel: float(np.median([r.events[i].end_us - r.events[i].start_us for r in runs]))
+            for i, e in enumerate(runs[0].events)
+        }
     nbytes = {k.id: sum(base.buffers[b].nbytes for b in k.args) for k in base.kernels}
     return KernelProfile(result["one"], result["full"], nbytes)
 
@@ -304,7 +317,7 @@ def seeds(bundle) -> list[Candidate]:
     out = []
     for strategy in ("sequential", "round_robin", "breadth_first"):
         for streams in range(1, min(tenants + 1, MAX_STREAMS) + 1):
-            for policy in (("tenant", "balanced") if streams > 1 else ("tenant",)):
+            for policy in ("tenant", "balanced") if streams > 1 else ("tenant",):
                 if policy == "tenant" and streams > tenants:
                     continue
                 sched, _ = extract_schedule(schedule_module(bundle.ir, strategy, streams, policy, cores))
@@ -336,8 +349,13 @@ def search(
     profile = profile_kernels(bundle, inputs)
     model = CostModel(model_path)
     cores = bundle.schedule.cores
-    sequential = rebuild(bundle.schedule, [k.id for k in _sequential_order(bundle.schedule)],
-                         {k.id: 0 for k in bundle.schedule.kernels}, [cores], "sequential/1 stream")
+    sequential = rebuild(
+        bundle.schedule,
+        [k.id for k in _sequential_order(bundle.schedule)],
+        {k.id: 0 for k in bundle.schedule.kernels},
+        [cores],
+        "sequential/1 stream",
+    )
     pool = seeds(bundle)
     for c in pool:
         c.features = features(c.schedule, profile)
@@ -363,8 +381,10 @@ def search(
         for _ in range(population):
             parent = rng.choice(parents)
             issue, stream_of, threads = _mutate(parent.schedule, rng)
-            child = Candidate(rebuild(parent.schedule, issue, stream_of, threads, f"gen{gen}<-{parent.origin}"),
-                              f"gen{gen}<-{parent.origin}")
+            child = Candidate(
+                rebuild(parent.schedule, issue, stream_of, threads, f"gen{gen}<-{parent.origin}"),
+                f"gen{gen}<-{parent.origin}",
+            )
             child.features = features(child.schedule, profile)
             children.append(child)
         preds = model.predict(np.stack([c.features for c in children]))
@@ -375,16 +395,24 @@ def search(
         # correlation meaningful), as the picks alone span only the predicted-best corner.
         batch = ranked[:measure_top] + rng.sample(ranked[measure_top:], min(explore, len(ranked) - measure_top))
         seq_ms.append(run_batch(batch))
-        log(f"generation {gen}: measured {len(batch)} of {len(children)}; "
-            f"best so far {min(c.measured for c in measured):.3f}x sequential")
+        log(
+            f"generation {gen}: measured {len(batch)} of {len(children)}; "
+            f"best so far {min(c.measured for c in measured):.3f}x sequential"
+        )
     model.save()
     scored = [c for c in measured if c.predicted is not None]
     rho = spearman([c.predicted for c in scored], [c.measured for c in scored])
     best = min(measured, key=lambda c: c.measured)
     if best.measured >= 1.0:  # nothing beat the sequential schedule on measurement: keep it
         best = Candidate(sequential, "sequential/1 stream", measured=1.0, measured_ms=float(np.median(seq_ms)))
-    return SearchReport(best=best, sequential_ms=float(np.median(seq_ms)), fixed=fixed, measured=measured,
-                        rank_correlation=rho, seconds=time.time() - start)
+    return SearchReport(
+        best=best,
+        sequential_ms=float(np.median(seq_ms)),
+        fixed=fixed,
+        measured=measured,
+        rank_correlation=rho,
+        seconds=time.time() - start,
+    )
 
 
 def _sequential_order(schedule: Schedule):
@@ -406,8 +434,10 @@ def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **o
 
     if inputs is None:
         rng = np.random.default_rng(0)
-        inputs = {t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
-                  for t, specs in bundle.input_specs().items()}
+        inputs = {
+            t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
+            for t, specs in bundle.input_specs().items()
+        }
     model_path = Path(work_dir) / "cost_model.json" if work_dir else None
     report = search(bundle, inputs, model_path=model_path, **options)
     mod = ApplySchedule(report.best.schedule)(bundle.ir)

@@ -53,7 +53,9 @@ def _read_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None) ->
         try:
             return onnx.ModelProto.FromString(bytes(model)), label
         except Exception as err:
-            raise CoschedError(f"bytes are not an ONNX model: {err}", tenant=label, hint="pass the bytes of a .onnx file") from None
+            raise CoschedError(
+                f"bytes are not an ONNX model: {err}", tenant=label, hint="pass the bytes of a .onnx file"
+            ) from None
     path = Path(model)
     label = name or path.stem
     if not path.exists():
@@ -61,8 +63,11 @@ def _read_onnx(model: str | Path | bytes | onnx.ModelProto, name: str | None) ->
     try:
         proto = onnx.load(str(path))
     except Exception as err:
-        raise CoschedError(f"{path} is not a valid ONNX file ({type(err).__name__}: {err})", tenant=label,
-                           hint="re-export the model to ONNX") from None
+        raise CoschedError(
+            f"{path} is not a valid ONNX file ({type(err).__name__}: {err})",
+            tenant=label,
+            hint="re-export the model to ONNX",
+        ) from None
     return proto, label
 
 
@@ -90,16 +95,20 @@ def load_onnx(
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
-        raise CoschedError(f"the ONNX model is invalid: {str(err).splitlines()[0]}", tenant=label,
-                           hint="fix or re-export the model") from None
+        raise CoschedError(
+            f"the ONNX model is invalid: {str(err).splitlines()[0]}", tenant=label, hint="fix or re-export the model"
+        ) from None
     shapes = {k: tuple(int(x) for x in v) for k, v in (shapes or {}).items()}
     # Older exporters list initializers as graph inputs: only the rest are data inputs.
     initializers = {init.name for init in graph.initializer}
     data_inputs = [i for i in graph.input if i.name not in initializers]
     unknown = set(shapes) - {i.name for i in data_inputs}
     if unknown:
-        raise CoschedError(f"shapes given for unknown inputs {sorted(unknown)}", tenant=label,
-                           hint=f"the data inputs are {[i.name for i in data_inputs]}")
+        raise CoschedError(
+            f"shapes given for unknown inputs {sorted(unknown)}",
+            tenant=label,
+            hint=f"the data inputs are {[i.name for i in data_inputs]}",
+        )
     specs: list[TensorSpec] = []
     for vi in data_inputs:
         elem = vi.type.tensor_type.elem_type
@@ -109,8 +118,11 @@ def load_onnx(
         else:
             dims = _dims(vi)
             if any(not isinstance(d, int) or d <= 0 for d in dims):
-                raise CoschedError(f"input {vi.name!r} has symbolic shape {dims}", tenant=label,
-                                   hint=f"pass shapes={{{vi.name!r}: (...)}} with concrete sizes")
+                raise CoschedError(
+                    f"input {vi.name!r} has symbolic shape {dims}",
+                    tenant=label,
+                    hint=f"pass shapes={{{vi.name!r}: (...)}} with concrete sizes",
+                )
             shape = tuple(int(d) for d in dims)
         specs.append(TensorSpec(vi.name, tuple(shape), dtype))
     try:
@@ -123,8 +135,11 @@ def load_onnx(
         )
     except Exception as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise CoschedError(f"TVM cannot import this ONNX model: {first}", tenant=label,
-                           hint="check the opset and operators are supported by tvm.relax.frontend.onnx") from None
+        raise CoschedError(
+            f"TVM cannot import this ONNX model: {first}",
+            tenant=label,
+            hint="check the opset and operators are supported by tvm.relax.frontend.onnx",
+        ) from None
     return Tenant(name=label, mod=mod, inputs=specs, outputs=[o.name for o in graph.output])
 
 
@@ -140,13 +155,19 @@ def from_relax(mod: tvm.IRModule, name: str, input_names: list[str] | None = Non
     for i, param in enumerate(main.params):
         ty = param.ty
         if not isinstance(ty, relax.TensorType) or ty.shape is None:
-            raise CoschedError(f"parameter {param.name} is not a tensor of known shape", tenant=label,
-                               hint="give every input of main a static tensor shape")
+            raise CoschedError(
+                f"parameter {param.name} is not a tensor of known shape",
+                tenant=label,
+                hint="give every input of main a static tensor shape",
+            )
         try:
             shape = tuple(int(d) for d in ty.shape.values)
         except TypeError:
-            raise CoschedError(f"parameter {param.name} has a symbolic shape", tenant=label,
-                               hint="bind symbolic shapes before passing the module") from None
+            raise CoschedError(
+                f"parameter {param.name} has a symbolic shape",
+                tenant=label,
+                hint="bind symbolic shapes before passing the module",
+            ) from None
         pname = input_names[i] if input_names else param.name
         specs.append(TensorSpec(pname, shape, str(ty.dtype)))
     return Tenant(name=label, mod=mod, inputs=specs, outputs=[])
