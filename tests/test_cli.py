@@ -1,0 +1,61 @@
+"""The cosched command on tiny model files: compile/export, run with the runtime alone, bench, errors."""
+
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from cosched.cli import main
+from cosched.models import tiny_cnn
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    paths = []
+    for i, name in enumerate(("left", "right")):
+        path = folder / f"{name}.onnx"
+        onnx.save(tiny_cnn(name, seed=i), str(path))
+        paths.append(str(path))
+    return paths
+
+
+def test_compile_then_run_with_the_runtime(model_files, tmp_path, capsys):
+    assert main(["compile", *model_files, "-o", str(tmp_path / "b"), "--streams", "2"]) == 0
+    assert "exported to" in capsys.readouterr().out
+    result = subprocess.run(
+        [sys.executable, "-m", "cosched.cli", "run", str(tmp_path / "b"), "--repeat", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "left: outputs [(1, 10)]" in result.stdout and "median" in result.stdout
+
+
+def test_bench_prints_every_contender_with_ratios(model_files, capsys):
+    assert main(["bench", *model_files, "--repeat", "2", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "relax-vm-seq",
+        "relax-vm-concurrent",
+        "cosched-sequential",
+        "cosched-round_robin",
+        "cosched-breadth_first",
+        "ort-seq",
+        "ort-concurrent",
+    ):
+        assert name in out
+    assert "machine :" in out and "versions:" in out and "1.00" in out
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    assert main(["compile", str(bad), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cosched: error: tenant 'bad'")
+    assert not (tmp_path / "x").exists()
