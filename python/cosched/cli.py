@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="tune the kernels of a bundle with MetaSchedule into a database")
     p.add_argument("models", nargs="+", help=models_help)
     p.add_argument("--work-dir", required=True)
-    p.add_argument("--trials", type=int, default=8, help="trials per task")
+    p.add_argument("--trials", type=int, default=8, help="trials per task (the costliest tasks; others get 2)")
     p.add_argument("--budget", type=float, default=None, help="time budget in minutes")
     p.set_defaults(func=_tune)
 

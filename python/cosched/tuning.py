@@ -1,0 +1,703 @@
+"""Tune the kernels of several models together with MetaSchedule, into one JSON database.
+
+Models that share a bundle often share kernels (the same conv shape in two nets): such a workload
+is tuned once, with the summed weight of its callers. Tasks are tuned one at a time, costliest
+first, so a time budget goes where the latency is, and every finished measurement is already on
+disk: an interrupted run loses nothing and a rerun resumes where it stopped.
+
+The database is MetaSchedule's ``JSONDatabase`` (``database_workload.json`` and
+``database_tuning_record.json``) plus ``cosched_target.json``, which names the target it was tuned
+for and how many trials each workload has had. Apply it with::
+
+    with target, ms.database.JSONDatabase(work_dir=work_dir):
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import tvm
+import tvm_ffi
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.analysis import estimate_tir_flops
+from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+from tvm.s_tir.meta_schedule.utils import shash2hex
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+from .errors import CoschedError
+from .target import target_key
+
+logger = logging.getLogger(__name__)
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+META_FILE = "cosched_target.json"
+
+# Records with this run time (or more) are MetaSchedule's marker for a failed build or run.
+_FAILED_SECS = 1e9
+
+
+@dataclass
+class TaskInfo:
+    """One distinct kernel workload and the modules that call it."""
+
+    name: str
+    """``<first user>.<MetaSchedule task name>``: unique across modules."""
+    mod: tvm.IRModule
+    """The workload as MetaSchedule's database keys it: one PrimFunc named ``main``."""
+    weight: int
+    """Calls per inference of all users together."""
+    flops: float
+    """Estimated floating-point operations per call."""
+    users: list[str] = field(default_factory=list)
+    """Names of the modules that call this kernel."""
+    key: str = ""
+    """Structural hash of the workload as hex (computed when not given)."""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = shash2hex(self.mod)
+
+    @property
+    def cost(self) -> float:
+        """Estimated work per inference of all users; tuning goes costliest first."""
+        # Data-movement kernels count zero FLOPs but still take time: never rank them as free.
+        return self.weight * max(self.flops, 1.0)
+
+
+@dataclass
+class TuneReport:
+    """What one ``tune_modules`` run did."""
+
+    tasks_total: int
+    """Tasks summed over the modules, before deduplication."""
+    tasks_deduped: int
+    """Distinct workloads, i.e. tasks after deduplication."""
+    trials_run: int
+    """Measurements made by this run (resumed records not counted)."""
+    seconds: float
+    best_us: dict[str, float] = field(default_factory=dict)
+    """Best measured latency per task name, in microseconds (from this and earlier runs)."""
+    tasks_tuned: int = 0
+    """Tasks that got trials in this run."""
+    tasks_skipped: int = 0
+    """Tasks that already had all their trials in the database."""
+    tasks_left: int = 0
+    """Tasks not reached before the time budget ran out."""
+    work_dir: str = ""
+
+    @property
+    def dedup_saved(self) -> int:
+        """Tasks that deduplication saved tuning."""
+        return self.tasks_total - self.tasks_deduped
+
+
+# ----------------------------------------------------------------------------------------------
+# Task extraction
+
+
+def _flops(mod: tvm.IRModule) -> float:
+    try:
+        return float(estimate_tir_flops(mod))
+    except (RuntimeError, ValueError):  # TVM errors: the analysis rejects some loop nests
+        return 0.0
+
+
+def extract_tasks(
+    mods: Sequence[tvm.IRModule],
+    target: tvm.target.Target,
+    names: Sequence[str] | None = None,
+) -> list[TaskInfo]:
+    """MetaSchedule tasks of several lowered Relax modules, identical workloads merged.
+
+    Each module must already be lowered to TIR (``relax.get_pipeline("zero")``). Two tasks are the
+    same workload when their PrimFuncs are structurally equal, which is how ``JSONDatabase`` keys
+    records: one tuning then serves every module. The weights of merged tasks add up. The result
+    is in extraction order; ``sum(len(t.users) for t in tasks) - len(tasks)`` is what dedup saved.
+    """
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    names = list(names) if names is not None else [f"mod{i}" for i in range(len(mods))]
+    if len(names) != len(mods):
+        raise CoschedError(f"{len(names)} names for {len(mods)} modules", hint="give one name per module")
+    tasks: list[TaskInfo] = []
+    # Structural hash buckets the candidates; structural equality decides (hashes can collide).
+    buckets: dict[int, list[TaskInfo]] = {}
+    total = 0
+    for mod, name in zip(mods, names, strict=True):
+        for ext in ms.relax_integration.extract_tasks(mod, target):
+            if ext.mod.attrs and ext.mod.attrs.get("tirx.is_scheduled", False):
+                continue  # already scheduled by hand: MetaSchedule would skip it too
+            total += 1
+            work = ext.dispatched[0]
+            h = tvm_ffi.structural_hash(work)
+            same = next((t for t in buckets.get(h, []) if tvm_ffi.structural_equal(t.mod, work)), None)
+            if same is not None:
+                same.weight += int(ext.weight)
+                if name not in same.users:
+                    same.users.append(name)
+                continue
+            info = TaskInfo(f"{name}.{ext.task_name}", work, int(ext.weight), _flops(work), [name])
+            buckets.setdefault(h, []).append(info)
+            tasks.append(info)
+    logger.info(
+        "extracted %d tasks from %d modules, %d after dedup (saved %d)",
+        total,
+        len(mods),
+        len(tasks),
+        total - len(tasks),
+    )
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------
+# The database directory
+
+
+def _read_meta(work_dir: Path) -> dict:
+    try:
+        return json.loads((work_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_meta(work_dir: Path, meta: dict) -> None:
+    # Write-then-rename: a kill mid-write must not leave a half file that hides the target.
+    fd, tmp = tempfile.mkstemp(dir=work_dir, prefix=".meta", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the database is meant to be shipped
+    os.replace(tmp, work_dir / META_FILE)
+
+
+def check_database(work_dir: str | os.PathLike, target: tvm.target.Target) -> None:
+    """Raise ``CoschedError`` unless ``work_dir`` holds a database tuned for ``target``.
+
+    Records tuned for another CPU (or kind of device) would apply silently and run slowly, or not
+    at all, so a mismatch of ``target_key`` (kind, mcpu, arch, mattr) is refused.
+    """
+    path = Path(work_dir)
+    if not path.is_dir():
+        raise CoschedError(
+            f"no tuning database at {path}",
+            hint="run cosched.tuning.tune_modules first, or pass the directory that holds database_workload.json",
+        )
+    missing = [f for f in (WORKLOAD_FILE, RECORD_FILE, META_FILE) if not (path / f).is_file()]
+    if missing == [META_FILE]:
+        raise CoschedError(
+            f"the tuning database at {path} has no {META_FILE}, so its target is unknown",
+            hint="tune it again with cosched.tuning.tune_modules, which records the target",
+        )
+    if missing:
+        raise CoschedError(
+            f"the tuning database at {path} lacks {', '.join(missing)}",
+            hint="tune into this directory with cosched.tuning.tune_modules (it resumes what is there)",
+        )
+    tuned_for = _read_meta(path).get("target")
+    if not isinstance(tuned_for, dict):
+        raise CoschedError(f"{path / META_FILE} is unreadable", hint="tune again into a fresh directory")
+    wanted = target_key(target)
+    if tuned_for != wanted:
+        raise CoschedError(
+            f"the database at {path} was tuned for {tuned_for}, not for {wanted}",
+            hint="tune for this target into another directory (tune_modules), "
+            "or compile for the target the database was tuned for",
+        )
+
+
+def _repair_truncated(path: Path) -> None:
+    """Drop a partial last line left by a kill during a write; JSONDatabase cannot parse it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    head, _, tail = data.rpartition(b"\n")
+    try:
+        json.loads(tail)
+        path.write_bytes(data + b"\n")
+    except ValueError:
+        logger.warning("dropping a truncated record at the end of %s", path)
+        path.write_bytes(head + b"\n" if head else b"")
+
+
+def _open_database(work_dir: Path) -> ms.database.JSONDatabase:
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        _repair_truncated(work_dir / name)
+    return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+
+
+def _records_per_workload(db: ms.database.Database, tasks: Sequence[TaskInfo]) -> dict[str, int]:
+    """How many records (failed ones included) the database holds for each task's workload."""
+    known = {t.key: db.commit_workload(t.mod) for t in tasks if db.has_workload(t.mod)}
+    counts = dict.fromkeys((t.key for t in tasks), 0)
+    # JSONDatabase shares one Workload object among its records, so identity finds them.
+    for rec in db.get_all_tuning_records():
+        for key, wl in known.items():
+            if rec.workload.same_as(wl):
+                counts[key] += 1
+                break
+    return counts
+
+
+def _best_us(db: ms.database.Database, task: TaskInfo) -> float | None:
+    if not db.has_workload(task.mod):
+        return None
+    top = db.get_top_k(db.commit_workload(task.mod), 1)
+    if not top:
+        return None
+    secs = [float(s) for s in top[0].run_secs]
+    return sum(secs) / len(secs) * 1e6
+
+
+def _minify_workload(line: str) -> str:
+    """One line of the workload table with its IR's JSON unindented (about half the size).
+
+    A line is ``[shash, base64(u64 length + JSON of the IRModule)]``; TVM writes that JSON
+    indented. The parser does not care, so the same document without whitespace loads the same.
+    """
+    shash, blob = json.loads(line)
+    raw = base64.b64decode(blob)
+    (length,) = struct.unpack("<Q", raw[:8])
+    if length != len(raw) - 8:
+        return line  # not the layout this was written for: leave it alone
+    text = json.dumps(json.loads(raw[8:]), separators=(",", ":")).encode()
+    return json.dumps([shash, base64.b64encode(struct.pack("<Q", len(text)) + text).decode()])
+
+
+def compact_database(work_dir: str | os.PathLike) -> int:
+    """Keep only the best valid record per workload and unindent the workloads' IR.
+
+    Returns how many records remain. The trial counts in ``cosched_target.json`` are kept, so a
+    later ``tune_modules`` still knows which workloads are done and does not tune them again.
+    """
+    path = Path(work_dir)
+    db = _open_database(path)
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        pruned = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
+        db.dump_pruned(pruned)
+        kept = len(pruned.get_all_tuning_records())
+        workloads = (Path(tmp) / WORKLOAD_FILE).read_text().splitlines()
+        (Path(tmp) / WORKLOAD_FILE).write_text("".join(_minify_workload(w) + "\n" for w in workloads if w))
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            os.chmod(Path(tmp) / name, 0o644)
+            os.replace(Path(tmp) / name, path / name)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Cheaper MetaSchedule plumbing
+
+_INTRIN_PKG = "tvm.s_tir.tensor_intrin"
+
+
+def _host_intrin_modules() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        return [f"{_INTRIN_PKG}.x86"]
+    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+        return [f"{_INTRIN_PKG}.arm_cpu"]
+    return []
+
+
+def _stand_in_for_intrinsics() -> ModuleType | None:
+    """Register only the host CPU's tensor intrinsics; returns the stand-in package, if made.
+
+    ``TuneContext`` and MetaSchedule's default builder import ``tvm.s_tir.tensor_intrin``, whose
+    ``__init__`` parses the TVMScript of every GPU and DSP intrinsic too: 16 s of one core per
+    process on these machines (the CUDA ones alone 11 s), paid again by every builder process of
+    every build batch. A CPU's schedule rules only need its own intrinsics, so a bare module
+    stands in for the package while they load (and after: the importers find it in sys.modules).
+    """
+    if _INTRIN_PKG in sys.modules:
+        return None
+    spec = importlib.util.find_spec(_INTRIN_PKG)
+    stub = importlib.util.module_from_spec(spec)  # created, not executed
+    sys.modules[_INTRIN_PKG] = stub
+    for name in _host_intrin_modules():
+        importlib.import_module(name)
+    return stub
+
+
+@contextlib.contextmanager
+def _cpu_intrinsics_only(target: tvm.target.Target) -> Iterator[None]:
+    """Use the stand-in for a CPU target while tuning; remove it afterwards.
+
+    Once removed, a later plain import runs the real ``__init__``; the submodules loaded here
+    stay in sys.modules, so nothing is registered twice.
+    """
+    stub = _stand_in_for_intrinsics() if target.kind.name == "llvm" else None
+    try:
+        yield
+    finally:
+        if stub is not None and sys.modules.get(_INTRIN_PKG) is stub:
+            del sys.modules[_INTRIN_PKG]
+            parent = sys.modules.get(_INTRIN_PKG.rpartition(".")[0])
+            if parent is not None and getattr(parent, "tensor_intrin", None) is stub:
+                delattr(parent, "tensor_intrin")
+
+
+def _build_in_worker(args: tuple[tvm.IRModule, tvm.target.Target]) -> str:
+    """MetaSchedule's default_build + default_export, run in a builder process."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod, target = args
+    if target.kind.name == "llvm":
+        _stand_in_for_intrinsics()  # the worker is ours: the stand-in may stay
+    else:
+        importlib.import_module(_INTRIN_PKG)
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return default_export(tvm_build(mod, target=target))
+
+
+@derived_object
+class _PooledBuilder(ms.builder.PyBuilder):
+    """``LocalBuilder`` with worker processes kept across build batches.
+
+    ``LocalBuilder`` starts a fresh process pool for every batch (against a slow leak), so every
+    task pays the workers' start-up. Here workers live for ``max_uses`` builds each instead.
+    """
+
+    def __init__(self, max_workers: int, timeout_sec: float = 30.0, max_uses: int = 64) -> None:
+        super().__init__()
+        self.timeout_sec = timeout_sec
+        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=max_uses)
+
+    def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
+        results = []
+        jobs = [(inp.mod, inp.target) for inp in build_inputs]
+        for res in self.pool.map_with_error_catching(_build_in_worker, jobs):
+            if res.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"build failed: {res.value}"))
+        return results
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tuning
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Counts trials and tracks the best latency as measurements come in."""
+
+    def __init__(self, on_batch) -> None:
+        super().__init__()
+        self.on_batch = on_batch
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        best = None
+        for res in runner_results:
+            if res.error_msg is None and res.run_secs:
+                secs = [float(s) for s in res.run_secs]
+                mean = sum(secs) / len(secs)
+                if mean < _FAILED_SECS:
+                    best = mean if best is None else min(best, mean)
+        self.on_batch(len(runner_results), None if best is None else best * 1e6)
+
+
+def _num_cores(target: tvm.target.Target) -> int:
+    cores = target.attrs.get("num-cores") if target.attrs else None
+    return int(cores) if cores else max(1, os.cpu_count() or 1)
+
+
+def _search_strategy(trials: int) -> ms.search_strategy.EvolutionarySearch:
+    # The default population (512) is sized for hundreds of trials; for a handful a smaller one
+    # finds as good a pick at a fraction of the search time, which dominates on a 2-core host.
+    population = max(64, min(512, 64 * trials))
+    return ms.search_strategy.EvolutionarySearch(population_size=population)
+
+
+def _prepare_work_dir(path: Path, target: tvm.target.Target) -> dict:
+    """Create ``path`` or check that what it holds was tuned for ``target``; returns the meta."""
+    path.mkdir(parents=True, exist_ok=True)
+    has_db = any((path / f).is_file() and (path / f).stat().st_size for f in (WORKLOAD_FILE, RECORD_FILE))
+    if has_db or (path / META_FILE).is_file():
+        check_database(path, target)  # never mix records of two targets in one directory
+    meta = _read_meta(path)
+    meta["target"] = target_key(target)
+    meta.setdefault("trials", {})
+    _write_meta(path, meta)
+    return meta
+
+
+class _ProgressBar:
+    """tqdm over tasks: trials so far, best latency of the current task, budget left."""
+
+    def __init__(self, total: int, done: int, budget_s: float | None, start: float, enabled: bool):
+        from tqdm.auto import tqdm  # only needed while tuning
+
+        self.bar = tqdm(total=total, initial=done, unit="task", desc="tuning", disable=not enabled, dynamic_ncols=True)
+        self.budget_s, self.start = budget_s, start
+        self.trials = 0  # all trials of this run
+        self.task_trials = 0
+        self.task_best_us: float | None = None
+
+    def start_task(self, task: TaskInfo, best_us: float | None) -> None:
+        self.task_trials, self.task_best_us = 0, best_us
+        self.bar.set_description(f"tuning {task.name[:40]}")
+        self.refresh()
+
+    def on_batch(self, trials: int, best_us: float | None) -> None:
+        self.trials += trials
+        self.task_trials += trials
+        if best_us is not None and (self.task_best_us is None or best_us < self.task_best_us):
+            self.task_best_us = best_us
+        self.refresh()
+
+    def refresh(self) -> None:
+        post: dict[str, object] = {"trials": self.trials}
+        if self.task_best_us is not None:
+            post["best_us"] = f"{self.task_best_us:.1f}"
+        if self.budget_s is not None:
+            post["left_s"] = max(0, int(self.budget_s - (time.monotonic() - self.start)))
+        self.bar.set_postfix(post, refresh=True)
+
+    def task_done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def tune_modules(
+    mods: Sequence[tvm.IRModule],
+    target: tvm.target.Target,
+    work_dir: str | os.PathLike,
+    *,
+    trials_per_task: int = 8,
+    time_budget_s: float | None = None,
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+    max_tasks: int | None = None,
+    seed: int | None = 0,
+) -> TuneReport:
+    """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
+
+    Identical workloads across modules are tuned once (``extract_tasks``). Tasks go costliest
+    first (weight x FLOPs), each getting ``trials_per_task`` trials of evolutionary search guided by
+    MetaSchedule's XGBoost cost model, which is shared by all tasks so later tasks start from what
+    earlier ones taught it. A task is not started once ``time_budget_s`` is spent, nor when the
+    time it would take (the mean of the tasks so far) would overrun the budget; a task already
+    running is finished. ``max_tasks`` caps how many tasks get trials in this run.
+
+    Resumable: records are appended to the database as they are measured, and a workload that
+    already has its trials (counted from the records and ``cosched_target.json``) is skipped, one
+    with fewer gets only the rest; so a second call with more ``trials_per_task`` refines. A
+    directory tuned for another target is refused.
+
+    Candidates are measured in a subprocess with the TVM runtime's default thread count (half
+    the cores unless ``TVM_NUM_THREADS`` says otherwise), i.e. as the kernels run by default.
+    """
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    if trials_per_task < 1:
+        raise CoschedError(f"trials_per_task must be at least 1, not {trials_per_task}")
+    start = time.monotonic()
+    path = Path(work_dir)
+    meta = _prepare_work_dir(path, target)
+    tasks = extract_tasks(mods, target, names)
+    tasks.sort(key=lambda t: t.cost, reverse=True)
+    db = _open_database(path)
+    on_disk = _records_per_workload(db, tasks)
+    done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
+    plan = _Plan(path, meta, db, done, todo=[t for t in tasks if done[t.key] < trials_per_task])
+    report = TuneReport(
+        tasks_total=sum(len(t.users) for t in tasks),
+        tasks_deduped=len(tasks),
+        trials_run=0,
+        seconds=0.0,
+        tasks_skipped=len(tasks) - len(plan.todo),
+        work_dir=str(path),
+    )
+    if plan.todo:
+        bar = _ProgressBar(len(tasks), report.tasks_skipped, time_budget_s, start, progress)
+        try:
+            _tune_plan(plan, target, trials_per_task, report, bar, start, time_budget_s, max_tasks, seed)
+        finally:
+            bar.close()
+            report.trials_run = bar.trials
+    report.seconds = time.monotonic() - start
+    report.best_us = {t.name: us for t in tasks if (us := _best_us(db, t)) is not None}
+    logger.info(
+        "tuned %d tasks (%d trials) in %.0f s; %d already done, %d left for lack of time",
+        report.tasks_tuned,
+        report.trials_run,
+        report.seconds,
+        report.tasks_skipped,
+        report.tasks_left,
+    )
+    return report
+
+
+@dataclass
+class _Plan:
+    """The state of one ``tune_modules`` run."""
+
+    path: Path
+    meta: dict
+    db: ms.database.Database
+    done: dict[str, int]
+    """Trials each workload had before this run, by ``TaskInfo.key``."""
+    todo: list[TaskInfo]
+    """Tasks still short of trials, costliest first."""
+
+
+def _tune_plan(
+    plan: _Plan,
+    target: tvm.target.Target,
+    trials_per_task: int,
+    report: TuneReport,
+    bar: _ProgressBar,
+    start: float,
+    time_budget_s: float | None,
+    max_tasks: int | None,
+    seed: int | None,
+) -> None:
+    """Tune ``plan.todo`` in order until done or out of budget; counts go into ``report``."""
+    cores = _num_cores(target)
+    builder = _PooledBuilder(max_workers=cores)
+    runner = ms.runner.LocalRunner()
+    # One cost model for all tasks. It predicts at random until it has seen num_warmup_samples
+    # measurements; MetaSchedule's 100 would leave the first dozen tasks to chance here.
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores, num_warmup_samples=min(100, 4 * trials_per_task))
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _Progress(bar.on_batch)]
+    seeds = ms.utils.fork_seed(seed, n=len(plan.todo))
+    task_secs: list[float] = []
+    try:
+        with _cpu_intrinsics_only(target):
+            for i, task in enumerate(plan.todo):
+                if _out_of_budget(start, time_budget_s, task_secs) or report.tasks_tuned == max_tasks:
+                    report.tasks_left = len(plan.todo) - i
+                    break
+                bar.start_task(task, _best_us(plan.db, task))
+                t0 = time.monotonic()
+                ctx = ms.TuneContext(
+                    mod=task.mod,
+                    target=target,
+                    space_generator="post-order-apply",
+                    search_strategy=_search_strategy(trials_per_task - plan.done[task.key]),
+                    task_name=task.name,
+                    rand_state=seeds[i],
+                    num_threads=cores,
+                ).clone()
+                _run_task(
+                    ctx,
+                    task.weight,
+                    trials_per_task - plan.done[task.key],
+                    builder,
+                    runner,
+                    plan.db,
+                    cost_model,
+                    callbacks,
+                )
+                task_secs.append(time.monotonic() - t0)
+                report.tasks_tuned += 1
+                # The records are on disk already; this marks the task complete for a rerun. A
+                # search that ran out of new candidates early is complete too.
+                plan.meta["trials"][task.key] = trials_per_task
+                _write_meta(plan.path, plan.meta)
+                bar.task_done()
+    finally:
+        builder.shutdown()
+        runner.pool.shutdown()
+
+
+def _out_of_budget(start: float, budget_s: float | None, task_secs: list[float]) -> bool:
+    if budget_s is None:
+        return False
+    expected = sum(task_secs) / len(task_secs) if task_secs else 0.0
+    return time.monotonic() - start + expected > budget_s
+
+
+def _run_task(
+    ctx: ms.TuneContext,
+    weight: int,
+    trials: int,
+    builder: ms.builder.Builder,
+    runner: ms.runner.Runner,
+    db: ms.database.Database,
+    cost_model: ms.cost_model.CostModel,
+    callbacks: list[ms.measure_callback.MeasureCallback],
+) -> None:
+    """Give one task ``trials`` more measurements; records go to ``db`` as they are measured."""
+    # One task per scheduler run: the order and the budget stay ours, and a task's records are
+    # complete when it returns.
+    scheduler = ms.task_scheduler.TaskScheduler.create("round-robin")
+    scheduler.tune(
+        tasks=[ctx],
+        task_weights=[float(weight)],
+        max_trials_global=trials,
+        max_trials_per_task=trials,
+        num_trials_per_iter=min(trials, 64),
+        builder=builder,
+        runner=runner,
+        measure_callbacks=callbacks,
+        database=db,
+        cost_model=cost_model,
+    )
+
+
+__all__ = ["TaskInfo", "TuneReport", "check_database", "compact_database", "extract_tasks", "tune_modules"]
+
+
+def tune(
+    tenants,
+    target: tvm.target.Target | str | dict | None = None,
+    work_dir: str | os.PathLike = "cosched_db",
+    trials: int = 8,
+    time_budget: float | None = None,
+    *,
+    first_trials: int = 2,
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> TuneReport:
+    """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
+
+    Two passes within ``time_budget`` seconds: ``first_trials`` for every distinct workload, costliest
+    first (an untuned CPU kernel has no parallel loop at all, so coverage pays most), then up to
+    ``trials`` for the costliest with the time left. Both passes resume from the database, so an
+    interrupted run loses nothing; the database is compacted to the best record per workload.
+    """
+    from .compiler import as_tenants
+    from .passes import LowerKernels
+    from .target import as_target
+
+    tenants = as_tenants(tenants)
+    tgt = as_target(target)
+    names = list(names) if names else [t.name for t in tenants]
+    mods = [LowerKernels(tgt)(t.mod) for t in tenants]
+    start = time.monotonic()
+    report, trials_run = None, 0
+    for pass_trials, share in ((min(first_trials, trials), 0.65), (trials, 1.0)):
+        left = None if time_budget is None else max(0.0, time_budget * share - (time.monotonic() - start))
+        report = tune_modules(mods, tgt, work_dir, trials_per_task=pass_trials, time_budget_s=left, names=names,
+                              progress=progress)
+        trials_run += report.trials_run
+    compact_database(work_dir)
+    report.trials_run = trials_run
+    report.seconds = time.monotonic() - start
+    return report

@@ -1,0 +1,210 @@
+"""Tuning: shared workloads are tuned once, the database applies, is target-checked and resumable.
+
+Two tiny tenants share one conv workload; one or two trials per task keep the file fast.
+"""
+
+import os
+
+# Before TVM creates a thread pool: pinning would put MetaSchedule's search threads on one core.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+import tvm_ffi
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from cosched import tuning
+from cosched.errors import CoschedError
+from cosched.target import host_target
+from cosched.tenant import load_onnx
+
+NAMES = ["a", "b"]
+TARGET = host_target()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def conv_model(name: str, seed: int, second_conv: bool) -> onnx.ModelProto:
+    """relu(conv3x3(x)) with x: 1x4x16x16, then optionally a 1x1 conv to 16 channels.
+
+    Both tenants' first conv has the same shape, so it is one workload (weights are parameters).
+    """
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype("float32"), "w")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r" if second_conv else "y"]),
+    ]
+    channels = 8
+    if second_conv:
+        inits.append(numpy_helper.from_array(rng.standard_normal((16, 8, 1, 1)).astype("float32"), "w2"))
+        nodes.append(helper.make_node("Conv", ["r", "w2"], ["y"]))
+        channels = 16
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 16, 16])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def lowered_modules() -> list[tvm.IRModule]:
+    """The two tenants after the zero pipeline: 3 tasks, 2 distinct workloads."""
+    protos = [conv_model("a", 1, False), conv_model("b", 2, True)]
+    return [relax.get_pipeline("zero")(load_onnx(p, name=n).mod) for p, n in zip(protos, NAMES, strict=True)]
+
+
+def records_by_workload(work_dir: Path) -> dict[int, int]:
+    """Record count per workload index, straight from the JSON lines."""
+    counts: dict[int, int] = {}
+    for line in (work_dir / tuning.RECORD_FILE).read_text().splitlines():
+        if line.strip():
+            index = json.loads(line)[0]
+            counts[index] = counts.get(index, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def mods():
+    return lowered_modules()
+
+
+@pytest.fixture(scope="module")
+def tuned(mods, tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("tuned")
+    report = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
+    return work_dir, report
+
+
+def test_extract_merges_shared_workload(mods):
+    tasks = tuning.extract_tasks(mods, TARGET, NAMES)
+    assert sum(len(t.users) for t in tasks) == 3
+    assert len(tasks) == 2
+    shared = [t for t in tasks if len(t.users) == 2]
+    assert len(shared) == 1
+    assert shared[0].users == NAMES and shared[0].weight == 2 and shared[0].flops > 0
+
+
+def test_shared_workload_tuned_once(tuned):
+    work_dir, report = tuned
+    assert (report.tasks_total, report.tasks_deduped, report.dedup_saved) == (3, 2, 1)
+    assert report.tasks_tuned == 2 and report.trials_run == 2
+    # One workload entry and one record per distinct task: the shared conv was not tuned twice.
+    workloads = (work_dir / tuning.WORKLOAD_FILE).read_text().splitlines()
+    assert len(workloads) == 2
+    assert sorted(records_by_workload(work_dir).values()) == [1, 1]
+    assert len(report.best_us) == 2 and all(us > 0 for us in report.best_us.values())
+    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    assert meta["target"] == {"kind": "llvm", "mcpu": TARGET.attrs["mcpu"]}
+    tuning.check_database(work_dir, TARGET)
+
+
+def test_database_applies(tuned, mods):
+    work_dir, _ = tuned
+    mod = mods[1]
+    with TARGET, ms.database.JSONDatabase(work_dir=str(work_dir)):
+        applied = relax.transform.MetaScheduleApplyDatabase()(mod)
+    prims = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    changed = [n for n in prims if not tvm_ffi.structural_equal(mod[n], applied[n])]
+    assert len(changed) == 2, f"no tuned schedule applied ({prims})"
+    # The tuned kernels compute the same thing.
+    x = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype("float32")
+    outs = []
+    for m in (mod, applied):
+        vm = relax.VirtualMachine(tvm.compile(m, TARGET), tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_target_refused(tuned, mods, tmp_path):
+    work_dir, _ = tuned
+    other = tvm.target.Target(
+        {"kind": "llvm", "mcpu": "cascadelake" if TARGET.attrs["mcpu"] != "cascadelake" else "znver4", "num-cores": 2}
+    )
+    with pytest.raises(CoschedError, match="tuned for"):
+        tuning.check_database(work_dir, other)
+    with pytest.raises(CoschedError, match="tuned for"):
+        tuning.tune_modules(mods, other, work_dir, trials_per_task=1, progress=False)
+    with pytest.raises(CoschedError, match="no tuning database"):
+        tuning.check_database(tmp_path / "missing", TARGET)
+    shutil.copy(work_dir / tuning.WORKLOAD_FILE, tmp_path / tuning.WORKLOAD_FILE)
+    shutil.copy(work_dir / tuning.RECORD_FILE, tmp_path / tuning.RECORD_FILE)
+    with pytest.raises(CoschedError, match="target is unknown"):
+        tuning.check_database(tmp_path, TARGET)
+
+
+def test_compact_keeps_best_and_done(tuned, mods, tmp_path):
+    work_dir, report = tuned
+    copy = tmp_path / "db"
+    shutil.copytree(work_dir, copy)
+    assert tuning.compact_database(copy) == 2
+    again = tuning.tune_modules(mods, TARGET, copy, trials_per_task=1, names=NAMES, progress=False)
+    assert again.tasks_tuned == 0 and again.trials_run == 0 and again.tasks_skipped == 2
+    assert again.best_us == pytest.approx(report.best_us)
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.test_tuning import NAMES, TARGET, lowered_modules
+from cosched import tuning
+tuning.tune_modules(lowered_modules(), TARGET, {work_dir!r}, trials_per_task=1, names=NAMES, progress=False)
+"""
+
+
+def test_killed_run_resumes(tmp_path):
+    """Kill a tuning process after its first task; the rerun keeps every record and skips that task."""
+    work_dir = tmp_path / "db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(repo=str(REPO), work_dir=str(work_dir))],
+        env={**os.environ, "TVM_BIND_THREADS": "0"},
+    )
+    meta_file = work_dir / tuning.META_FILE
+    finished: dict = {}
+    deadline = time.monotonic() + 120
+    try:
+        while not finished and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if meta_file.is_file():
+                finished = json.loads(meta_file.read_text()).get("trials", {})
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert finished, "the tuning process finished no task"
+    before = records_by_workload(work_dir)
+    # A kill mid-write leaves half a line; the database must still open.
+    with open(work_dir / tuning.RECORD_FILE, "a") as f:
+        f.write('[0, [[["half a record"')
+
+    report = tuning.tune_modules(lowered_modules(), TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
+    after = records_by_workload(work_dir)
+    assert report.tasks_skipped >= len(finished) >= 1
+    assert report.tasks_skipped + report.tasks_tuned == 2 and report.tasks_left == 0
+    for index, count in before.items():
+        assert after[index] >= count  # no record lost
+    # The task finished before the kill was not tuned again; every task has its record now.
+    assert sum(after.values()) == sum(before.values()) + report.trials_run
+    assert len(after) == 2 and len(report.best_us) == 2
+    rerun = tuning.tune_modules(lowered_modules(), TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
+    assert rerun.tasks_tuned == 0 and rerun.trials_run == 0
+    assert records_by_workload(work_dir) == after
+
+
+def test_spent_budget_starts_no_task(mods, tmp_path):
+    report = tuning.tune_modules(
+        mods, TARGET, tmp_path, trials_per_task=1, time_budget_s=0, names=NAMES, progress=False
+    )
+    assert report.tasks_tuned == 0 and report.tasks_left == 2 and report.trials_run == 0
