@@ -8,7 +8,7 @@ import tvm
 from tvm import relax
 
 from cosched.errors import CoschedError
-from cosched.schedule import Kernel, Schedule, assign_waits, split_threads
+from cosched.schedule import Kernel, Schedule, assign_waits
 
 from .graph import (
     ATTR_CORES,
@@ -127,7 +127,8 @@ class AnnotateStreams:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         graph = binding_graph(mod)
         cores = self.cores or os.cpu_count() or 1
-        num_streams = self.num_streams or min(len(graph.tenants), cores)
+        # One stream per tenant needs no waits; the runtime shares the cores between busy streams.
+        num_streams = self.num_streams or len(graph.tenants)
         stream_of = assign_streams(graph, num_streams, self.policy, mod)
         kernel_nodes = graph.kernels  # block order = issue order
         kid = kernel_ids(graph)
@@ -150,7 +151,8 @@ class AnnotateStreams:
         deps = {kid[i]: [kid[d] for d in ds] for i, ds in graph.kernel_deps().items()}
         assign_waits(records, deps, num_streams)
 
-        func = write_schedule(graph, kernel_nodes, records, split_threads(cores, num_streams), cores, self.policy)
+        # Every stream may use the whole budget: the runtime shares cores work-conservingly.
+        func = write_schedule(graph, kernel_nodes, records, [cores] * num_streams, cores, self.policy)
         return replace_main(mod, func)
 
 

@@ -69,7 +69,7 @@ def test_cost_model_trains_predicts_and_persists(tmp_path):
     np.testing.assert_allclose(again.predict(x[40:]), model.predict(x[40:]), rtol=1e-6)
 
 
-def test_thread_splits_use_the_whole_budget():
-    assert thread_splits(4, 2) == [[1, 3], [2, 2], [3, 1]]
-    assert thread_splits(2, 3) == [[1, 1, 1]]
-    assert all(sum(s) == 6 and min(s) >= 1 for s in thread_splits(6, 3))
+def test_thread_splits_share_or_split_the_whole_budget():
+    assert thread_splits(4, 2) == [[4, 4], [1, 3], [2, 2], [3, 1]]
+    assert thread_splits(2, 3) == [[2, 2, 2], [1, 1, 1]]
+    assert all(sum(s) == 6 and min(s) >= 1 for s in thread_splits(6, 3)[1:])

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="core budget (default: all cores)")
     p.add_argument("--database", default=None, help="MetaSchedule database directory for the kernels")
     p.add_argument("--strategies", nargs="+", default=["sequential", "round_robin", "breadth_first"])
-    p.add_argument("--streams", type=int, default=None, help="number of streams (default: min(tenants, cores))")
+    p.add_argument("--streams", type=int, default=None, help="number of streams (default: one per tenant)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the results as JSON")
     p.set_defaults(func=_bench)

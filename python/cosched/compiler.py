@@ -144,7 +144,7 @@ def compile(  # noqa: A001 - the name users expect, like tvm.compile
     ``schedule``: an interleaving strategy (sequential, round_robin, breadth_first), "explicit" with
     ``order``, or "search" (learned co-schedule search, measured on this machine; ``search_options``
     go to :func:`cosched.search.searched_bundle`, e.g. ``work_dir``, ``generations``);
-    ``num_streams`` defaults to min(#tenants, cores); ``policy`` assigns kernels to streams (auto,
+    ``num_streams`` defaults to one per tenant; ``policy`` assigns kernels to streams (auto,
     tenant, balanced, round_robin); ``database``: a MetaSchedule database directory.
     """
     searching = schedule == "search"

@@ -68,7 +68,11 @@ class TenantIO:
 
 @dataclass
 class Stream:
-    """A stream of the schedule; on CPU a worker with ``threads`` cores of the budget."""
+    """A stream of the schedule; on CPU a worker whose kernels use at most ``threads`` cores of the budget.
+
+    The runtime shares the budget work-conservingly: a kernel takes the free cores up to this cap,
+    leaving one to each other ready stream. Caps that sum to the budget give a static split.
+    """
 
     id: int
     threads: int = 1
@@ -274,9 +278,3 @@ def assign_waits(kernels: list[Kernel], deps: dict[int, list[int]], num_streams:
             clock = [max(a, b) for a, b in zip(clock, finish[w], strict=True)]
         finish[k.id] = _finish(clock, k)
         last[k.stream] = finish[k.id]
-
-
-def split_threads(core_budget: int, num_streams: int) -> list[int]:
-    """Split a core budget over streams: as even as possible, at least one each."""
-    base, extra = divmod(max(core_budget, num_streams), num_streams)
-    return [base + (1 if i < extra else 0) for i in range(num_streams)]

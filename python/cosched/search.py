@@ -106,7 +106,7 @@ def rebuild(
     )
 
 
-def thread_splits(cores: int, streams: int) -> list[list[int]]:
+def static_splits(cores: int, streams: int) -> list[list[int]]:
     """Ways to give each stream at least one thread, summing to the budget (or one each if fewer cores)."""
     if streams >= cores:
         return [[1] * streams]
@@ -114,8 +114,14 @@ def thread_splits(cores: int, streams: int) -> list[list[int]]:
         return [[cores]]
     out = []
     for first in range(1, cores - streams + 2):
-        out += [[first, *rest] for rest in thread_splits(cores - first, streams - 1)]
+        out += [[first, *rest] for rest in static_splits(cores - first, streams - 1)]
     return out
+
+
+def thread_splits(cores: int, streams: int) -> list[list[int]]:
+    """Per-stream core caps to try: shared (every stream may use the whole budget), then static splits."""
+    shared = [cores] * streams
+    return [shared] + [s for s in static_splits(cores, streams) if s != shared]
 
 
 def _mutate(schedule: Schedule, rng: random.Random) -> tuple[list[int], dict[int, int], list[int]]:

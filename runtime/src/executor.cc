@@ -1,9 +1,11 @@
 // cosched's dispatch loop: runs a schedule's kernels on CPU streams.
 //
 // One persistent worker thread per stream runs that stream's kernels in order. A kernel starts once
-// the kernels it waits on (on other streams) are done and its stream's share of the core budget is
-// free; both waits block on a condition variable rather than spinning, so idle workers leave the
-// cores to the busy ones. Each worker sizes its own TVM thread pool (pools are per calling thread).
+// the kernels it waits on (on other streams) are done and a core of the budget is free; both waits
+// block on a condition variable rather than spinning, so idle workers leave the cores to the busy
+// ones. Cores are shared work-conservingly: a kernel runs on every free core up to its stream's cap,
+// leaving one to each other stream that is ready, so a stream alone gets the whole budget. Each
+// worker resizes its own TVM thread pool (pools are per calling thread; resizing costs ~0.2 us).
 //
 // The plan (plan.h) is backend-neutral: executor_cuda.cc runs the same plan with one launcher thread
 // that puts each kernel on its CUDA stream and orders streams with events.
@@ -13,6 +15,7 @@
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -67,10 +70,8 @@ class CpuExecutor {
 
  private:
   void WorkerLoop(size_t stream) {
-    if (auto config = ffi::Function::GetGlobal("runtime.config_threadpool")) {
-      // Mode 1 ("big cores") with an explicit count: this worker's pool uses its share of the budget.
-      (*config)(1, static_cast<int>(plan_.threads[stream]));
-    }
+    auto config = ffi::Function::GetGlobal("runtime.config_threadpool");
+    int64_t pool_size = 0;
     uint64_t seen = 0;
     std::vector<ffi::AnyView> args;
     while (true) {
@@ -81,7 +82,13 @@ class CpuExecutor {
         seen = generation_;
       }
       for (int64_t call : plan_.stream_calls[stream]) {
-        if (!Acquire(call, plan_.threads[stream], seen)) break;
+        int64_t cores = Acquire(call, plan_.threads[stream], seen);
+        if (cores == 0) break;
+        if (cores != pool_size && config.has_value()) {
+          // Mode 1 ("big cores") with a count: this worker's TVM pool runs the kernel on `cores` threads.
+          (*config)(1, static_cast<int>(cores));
+          pool_size = cores;
+        }
         const auto& slots = plan_.args[call];
         args.resize(slots.size());
         for (size_t i = 0; i < slots.size(); ++i) args[i] = (*tensors_)[slots[i]];
@@ -97,33 +104,38 @@ class CpuExecutor {
           timings_[2 * call] = start;
           timings_[2 * call + 1] = end;
         }
-        Release(call, plan_.threads[stream], seen);
+        Release(call, cores, seen);
       }
       std::lock_guard<std::mutex> lock(mu_);
       if (--running_ == 0) cv_.notify_all();
     }
   }
 
-  // Blocks until `call`'s waits are done in this run and its cores are free; false once the run failed.
-  bool Acquire(int64_t call, int64_t cores, uint64_t gen) {
+  // Blocks until `call`'s waits are done in this run and a core is free; returns the cores granted
+  // (0 once the run failed). Work-conserving: the kernel takes every free core up to its stream's
+  // cap, except one for each other stream that is ready and waiting for a core.
+  int64_t Acquire(int64_t call, int64_t cap, uint64_t gen) {
     std::unique_lock<std::mutex> lock(mu_);
-    int64_t need = std::min(cores, plan_.core_budget);
     cv_.wait(lock, [&] {
       if (!error_.empty()) return true;
       for (int64_t w : plan_.waits[call]) {
         if (done_[w] != gen) return false;
       }
-      return cores_free_ >= need;
+      return true;
     });
-    if (!error_.empty()) return false;
-    cores_free_ -= need;
-    return true;
+    ++core_waiters_;
+    cv_.wait(lock, [&] { return !error_.empty() || cores_free_ >= 1; });
+    --core_waiters_;
+    if (!error_.empty()) return 0;
+    int64_t cores = std::max<int64_t>(1, std::min(cap, cores_free_ - core_waiters_));
+    cores_free_ -= cores;
+    return cores;
   }
 
   void Release(int64_t call, int64_t cores, uint64_t gen) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      cores_free_ += std::min(cores, plan_.core_budget);
+      cores_free_ += cores;
       done_[call] = gen;
     }
     cv_.notify_all();
@@ -147,6 +159,7 @@ class CpuExecutor {
   uint64_t generation_ = 0;
   int running_ = 0;
   int64_t cores_free_ = 0;
+  int64_t core_waiters_ = 0;  // streams whose next kernel is ready but has no core yet
   bool stop_ = false;
   std::string error_;
   ffi::Array<ffi::Tensor>* tensors_ = nullptr;
