@@ -1,0 +1,96 @@
+"""Time to quality: bundle latency against tuning minutes, for one mix.
+
+    python benchmarks/time_to_quality.py --models resnet50 squeezenet --chunk 4 --minutes 24 \
+        --work-dir databases/znver4/resnet_squeeze > benchmarks/results/ttq-resnet_squeeze.txt
+
+Tuning is resumable, so it runs in chunks of ``--chunk`` minutes (first 2 trials per task, costliest
+first, then 8 for the costliest) and the database is copied after each chunk. Afterwards the bundle
+is compiled with every snapshot (kernels without a record stay untuned) and timed, alternating with
+ONNX Runtime on the same inputs; the last snapshot is left compacted in ``--work-dir``.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import cosched  # noqa: E402
+from cosched import bench  # noqa: E402
+from cosched.compare import load_models, make_inputs  # noqa: E402
+from cosched.passes import LowerKernels  # noqa: E402
+from cosched.target import host_target  # noqa: E402
+from cosched.tuning import compact_database, tune_modules  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=24)
+    parser.add_argument("--chunk", type=float, default=4)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    target = host_target()
+    models = load_models(args.models)
+    tenants = [cosched.load_onnx(m, name=n) for n, m in models.items()]
+    mods = [LowerKernels(target)(t.mod) for t in tenants]
+    snapshots = Path(tempfile.mkdtemp(prefix="ttq-"))
+    start = time.monotonic()
+    points = []  # (minutes, snapshot dir)
+    trials = 2
+    while (elapsed := time.monotonic() - start) < args.minutes * 60:
+        budget = min(args.chunk * 60, args.minutes * 60 - elapsed)
+        report = tune_modules(mods, target, args.work_dir, trials_per_task=trials, time_budget_s=budget,
+                              names=list(models), progress=False)
+        if report.tasks_left == 0 and report.tasks_tuned == 0:
+            if trials == 8:
+                break
+            trials = 8  # every task covered: spend the rest on the costliest
+            continue
+        snap = snapshots / f"{len(points)}"
+        shutil.copytree(args.work_dir, snap)
+        points.append(((time.monotonic() - start) / 60, snap, report.tasks_deduped - report.tasks_left))
+        print(f"[{points[-1][0]:.1f} min] snapshot {len(points)}: {points[-1][2]}/{report.tasks_deduped} tasks "
+              f"tuned with >= {trials} trials", file=sys.stderr, flush=True)
+    compact_database(args.work_dir)
+
+    inputs = make_inputs(tenants)
+    threads = os.cpu_count() or 1
+    ort = bench.ort_sequential(models, inputs, threads)
+    rows = [(0.0, None, 0)] + points
+    contenders = {}
+    for minutes, snap, tasks in rows:
+        bundle = cosched.compile(tenants, target, database=snap, cores=threads)
+        contenders[f"{minutes:5.1f} min ({tasks} tasks)"] = bundle
+    runs = {name: (lambda b=b: b.run(inputs)) for name, b in contenders.items()}
+    runs["onnxruntime"] = ort.run
+    for run in runs.values():
+        run()
+    samples = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(args.repeat):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            t0 = time.perf_counter()
+            runs[name]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    ort.close()
+    print(bench.header(threads, target))
+    print(f"mix: {', '.join(models)}; cosched default schedule; {args.repeat} alternating runs, medians")
+    ort_ms = statistics.median(samples["onnxruntime"])
+    print(f"{'tuning time':<24} {'bundle ms':>10} {'vs ORT seq':>11}")
+    for name, values in samples.items():
+        med = statistics.median(values)
+        print(f"{name:<24} {med:>10.2f} {med / ort_ms:>10.2f}x")
+    shutil.rmtree(snapshots, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
