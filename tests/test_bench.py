@@ -1,0 +1,184 @@
+"""Fast tests of the benchmark core: baselines agree, timing alternates, tables are complete."""
+
+import os
+
+# Must be in the environment before TVM creates any thread pool (i.e. before importing tvm is the
+# safe place): otherwise TVM pins the first thread to core 0 and threads inherit it.
+os.environ["TVM_BIND_THREADS"] = "0"
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+
+from cosched import bench
+from cosched.errors import CoschedError
+from cosched.models import light_model
+from cosched.tenant import load_onnx
+
+pytest.importorskip("onnxruntime")
+
+THREADS = 2
+# Generic x86: untuned code is faster there than with the host CPU's AVX-512 (shared README).
+TARGET = tvm.target.Target({"kind": "llvm"})
+
+
+def tiny_model() -> onnx.ModelProto:
+    """y = relu(x @ W + b), x: 1x8."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype("float32"), "W")
+    b = numpy_helper.from_array(rng.standard_normal(4).astype("float32"), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
+         helper.make_node("Relu", ["z"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[w, b],
+    )
+    # An IR version ONNX Runtime accepts (onnx may default to a newer one).
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    protos = {"squeezenet": light_model("squeezenet", 0), "tiny": tiny_model()}
+    tenants = [load_onnx(p, name=n) for n, p in protos.items()]
+    rng = np.random.default_rng(0)
+    inputs = {t.name: {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in t.inputs} for t in tenants}
+    exes = {t.name: bench.compile_tenant(t, TARGET) for t in tenants}
+    contenders = [
+        # Memory is measured for one VM contender only: it exports the libraries (a few seconds).
+        bench.relax_vm_sequential(tenants, inputs, TARGET, THREADS, executables=exes),
+        bench.relax_vm_concurrent(tenants, inputs, TARGET, THREADS, executables=exes, measure_memory=False),
+        bench.ort_sequential(protos, inputs, THREADS),
+        bench.ort_concurrent(protos, inputs, THREADS),
+    ]
+    yield tenants, inputs, contenders
+    for c in contenders:
+        c.close()
+
+
+def test_contenders_agree(setup):
+    _, inputs, contenders = setup
+    outputs = [c.run_once() for c in contenders]
+    reference = outputs[0]
+    assert set(reference) == {"squeezenet", "tiny"}
+    for c, out in zip(contenders[1:], outputs[1:], strict=True):
+        assert set(out) == set(reference), c.name
+        for name in reference:
+            assert len(out[name]) == len(reference[name]) == 1
+            np.testing.assert_allclose(out[name][0], reference[name][0], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{c.name} vs {contenders[0].name} on {name}")
+    # The tiny model by hand, so that agreement is not agreement on a wrong answer.
+    w = numpy_helper.to_array(tiny_model().graph.initializer[0])
+    b = numpy_helper.to_array(tiny_model().graph.initializer[1])
+    np.testing.assert_allclose(reference["tiny"][0], np.maximum(inputs["tiny"]["x"] @ w + b, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_memory_and_measure_table(setup):
+    _, _, contenders = setup
+    assert contenders[0].memory_bytes and contenders[0].memory_bytes > 1 << 20  # weights alone are ~5 MB
+    assert contenders[1].memory_bytes is None
+    assert contenders[2].memory_bytes and contenders[3].memory_bytes
+    results = bench.measure(contenders, repeat=3, warmup=1, settle_s=0.05)
+    assert [r.name for r in results] == [c.name for c in contenders]
+    for r in results:
+        assert r.repeat == 3 and r.min_ms <= r.p25 <= r.median_ms <= r.p75
+    table = bench.format_table(results, "relax-vm-seq")
+    base_row = next(line for line in table.splitlines() if line.startswith("relax-vm-seq "))
+    assert " 1.00 " in base_row
+    for c in contenders:
+        assert any(line.startswith(c.name + " ") for line in table.splitlines()), c.name
+    assert "RSS" in table  # the memory column says how it was obtained
+    doc = json.loads(bench.to_json(results, "relax-vm-seq"))
+    assert doc["results"][0]["speedup"] == pytest.approx(1.0)
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def contender(self, name: str) -> bench.Contender:
+        return bench.Contender(name, lambda: self.calls.append(name), memory_bytes=None, close=None)
+
+
+def test_measure_alternates_round_robin():
+    rec = _Recorder()
+    names = ["a", "b", "c"]
+    results = bench.measure([rec.contender(n) for n in names], repeat=4, warmup=2, settle_s=0)
+    assert len(rec.calls) == 3 * 6
+    rounds = [rec.calls[i:i + 3] for i in range(0, len(rec.calls), 3)]
+    for k, r in enumerate(rounds):
+        assert sorted(r) == names  # every contender once per round, never two runs of one in a row
+        assert r[0] == names[k % 3]  # the contender opening a round rotates
+    assert [r.repeat for r in results] == [4, 4, 4]
+
+    rec = _Recorder()
+    bench.measure([rec.contender(n) for n in names], repeat=2, warmup=0, rotate=False, settle_s=0)
+    assert rec.calls == names * 2
+
+
+def test_measure_statistics():
+    c = bench.Contender("x", lambda: None, 123, None)
+    (r,) = bench.measure([c], repeat=5, warmup=0, settle_s=0)
+    assert r.memory_bytes == 123 and r.repeat == 5 and len(r.samples_ms) == 5
+    assert r.iqr_ms >= 0
+    with pytest.raises(CoschedError):
+        bench.measure([c, bench.Contender("x", lambda: None)], repeat=1)
+    with pytest.raises(CoschedError):
+        bench.format_table([r], "nope")
+
+
+def test_table_memory_column_and_direction():
+    results = [bench.Result("base", 10.0, 9.0, 11.0, None, 8.0, 3),
+               bench.Result("fast", 5.0, 4.5, 5.5, 3 * 2**20, 4.0, 3, "planned")]
+    table = bench.format_table(results, "base")
+    assert "base/this" in table and ">1 faster" in table
+    rows = {line.split()[0]: line for line in table.splitlines()[2:4]}
+    assert " 1.00 " in rows["base"] and " 2.00 " in rows["fast"]
+    assert rows["base"].rstrip().endswith("-") and "3.0*" in rows["fast"]
+    assert "planned" in table
+
+
+def test_split_threads():
+    assert bench.split_threads(2, 2) == [1, 1]
+    assert bench.split_threads(5, 2) == [3, 2]
+    assert bench.split_threads(1, 3) == [1, 1, 1]
+    with pytest.raises(CoschedError):
+        bench.split_threads(0, 2)
+
+
+def test_worker_tvm_pool_size():
+    # The pool size is fixed when a thread first creates its pool; each worker gets its own.
+    for n in (1, 2):
+        w = bench._Worker(f"t{n}", tvm_threads=n)
+        try:
+            assert w.tvm_threads == n
+            assert w.call(tvm.runtime.num_threads) == n
+        finally:
+            w.close()
+
+
+def test_missing_inputs_rejected(setup):
+    tenants, inputs, _ = setup
+    with pytest.raises(CoschedError, match="no inputs"):
+        bench.relax_vm_sequential(tenants, {"tiny": inputs["tiny"]}, TARGET, 1, measure_memory=False)
+    bad = {**inputs, "tiny": {"x": np.zeros((2, 8), "float32")}}
+    with pytest.raises(CoschedError, match="expected"):
+        bench.relax_vm_sequential(tenants, bad, TARGET, 1, measure_memory=False)
+
+
+def test_missing_database_rejected(setup, tmp_path):
+    tenants, _, _ = setup
+    with pytest.raises(CoschedError, match="no tuning database"):
+        bench.compile_tenant(tenants[1], TARGET, database=tmp_path / "nothing")
+
+
+def test_header():
+    text = bench.header(threads=THREADS, target=TARGET)
+    for word in ("tvm ", "tvm_ffi", "onnxruntime", "numpy", "python", "os.cpu_count()", "threads : 2", "date"):
+        assert word in text
