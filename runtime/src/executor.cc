@@ -35,6 +35,8 @@ class CpuExecutor {
  public:
   explicit CpuExecutor(Plan plan) : plan_(std::move(plan)), done_(plan_.kernels.size(), 0) {
     cores_free_ = plan_.core_budget;
+    holding_.assign(plan_.stream_calls.size(), 0);
+    next_.assign(plan_.stream_calls.size(), 0);
     for (size_t s = 0; s < plan_.stream_calls.size(); ++s) {
       workers_.emplace_back([this, s] { WorkerLoop(s); });
     }
@@ -57,6 +59,8 @@ class CpuExecutor {
     timings_ = timings.has_value() ? static_cast<int64_t*>(timings.value().data_ptr()) : nullptr;
     t0_ = std::chrono::steady_clock::now();
     error_.clear();
+    std::fill(next_.begin(), next_.end(), 0);
+    std::fill(holding_.begin(), holding_.end(), 0);
     running_ = static_cast<int>(workers_.size());
     ++generation_;
     cv_.notify_all();
@@ -82,7 +86,7 @@ class CpuExecutor {
         seen = generation_;
       }
       for (int64_t call : plan_.stream_calls[stream]) {
-        int64_t cores = Acquire(call, plan_.threads[stream], seen);
+        int64_t cores = Acquire(stream, call, seen);
         if (cores == 0) break;
         if (cores != pool_size && config.has_value()) {
           // Mode 1 ("big cores") with a count: this worker's TVM pool runs the kernel on `cores` threads.
@@ -104,38 +108,47 @@ class CpuExecutor {
           timings_[2 * call] = start;
           timings_[2 * call + 1] = end;
         }
-        Release(call, cores, seen);
+        Release(stream, call, cores, seen);
       }
       std::lock_guard<std::mutex> lock(mu_);
       if (--running_ == 0) cv_.notify_all();
     }
   }
 
+  // Whether `call` may start in run `gen`: every call it waits on is done in this run.
+  bool DepsDone(int64_t call, uint64_t gen) const {
+    for (int64_t w : plan_.waits[call]) {
+      if (done_[w] != gen) return false;
+    }
+    return true;
+  }
+
   // Blocks until `call`'s waits are done in this run and a core is free; returns the cores granted
-  // (0 once the run failed). Work-conserving: the kernel takes every free core up to its stream's
-  // cap, except one for each other stream that is ready and waiting for a core.
-  int64_t Acquire(int64_t call, int64_t cap, uint64_t gen) {
+  // (0 once the run failed). Work-conserving: the kernel takes the free cores up to its stream's cap,
+  // but leaves one to every other stream whose next kernel is ready and that holds none, so busy
+  // streams co-run while a stream alone gets the whole budget.
+  int64_t Acquire(size_t stream, int64_t call, uint64_t gen) {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] {
-      if (!error_.empty()) return true;
-      for (int64_t w : plan_.waits[call]) {
-        if (done_[w] != gen) return false;
-      }
-      return true;
-    });
-    ++core_waiters_;
+    cv_.wait(lock, [&] { return !error_.empty() || DepsDone(call, gen); });
     cv_.wait(lock, [&] { return !error_.empty() || cores_free_ >= 1; });
-    --core_waiters_;
     if (!error_.empty()) return 0;
-    int64_t cores = std::max<int64_t>(1, std::min(cap, cores_free_ - core_waiters_));
+    int64_t others = 0;
+    for (size_t s = 0; s < plan_.stream_calls.size(); ++s) {
+      const auto& calls = plan_.stream_calls[s];
+      if (s != stream && holding_[s] == 0 && next_[s] < calls.size() && DepsDone(calls[next_[s]], gen)) ++others;
+    }
+    int64_t cores = std::max<int64_t>(1, std::min(plan_.threads[stream], cores_free_ - others));
     cores_free_ -= cores;
+    holding_[stream] = cores;
     return cores;
   }
 
-  void Release(int64_t call, int64_t cores, uint64_t gen) {
+  void Release(size_t stream, int64_t call, int64_t cores, uint64_t gen) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       cores_free_ += cores;
+      holding_[stream] = 0;
+      ++next_[stream];
       done_[call] = gen;
     }
     cv_.notify_all();
@@ -159,7 +172,8 @@ class CpuExecutor {
   uint64_t generation_ = 0;
   int running_ = 0;
   int64_t cores_free_ = 0;
-  int64_t core_waiters_ = 0;  // streams whose next kernel is ready but has no core yet
+  std::vector<int64_t> holding_;  // cores each stream's running kernel holds
+  std::vector<size_t> next_;      // position of each stream's next kernel in this run
   bool stop_ = false;
   std::string error_;
   ffi::Array<ffi::Tensor>* tensors_ = nullptr;
