@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True)
     p.add_argument("--trials", type=int, default=8, help="trials per task (the costliest tasks; others get 2)")
     p.add_argument("--budget", type=float, default=None, help="time budget in minutes")
+    p.add_argument("--schedule", action="store_true", help="then search the co-schedule (learned cost model)")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("demo", help="the main job: three real models, checked, benchmarked and drawn")
