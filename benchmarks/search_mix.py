@@ -11,11 +11,11 @@ import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import cosched  # noqa: E402
-from cosched import bench  # noqa: E402
-from cosched.compare import cosched_contender, load_models, make_inputs, shipped_database  # noqa: E402
-from cosched.compiler import reschedule  # noqa: E402
-from cosched.target import host_target  # noqa: E402
+import cosched
+from cosched import bench
+from cosched.compare import cosched_contender, load_models, make_inputs, shipped_database
+from cosched.compiler import reschedule
+from cosched.target import host_target
 
 MIXES = {"demo": ("squeezenet", "shufflenet", "inception_v1"), "resnet_squeeze": ("resnet50", "squeezenet")}
 

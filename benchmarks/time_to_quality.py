@@ -20,12 +20,12 @@ from pathlib import Path
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import cosched  # noqa: E402
-from cosched import bench  # noqa: E402
-from cosched.compare import load_models, make_inputs  # noqa: E402
-from cosched.passes import LowerKernels  # noqa: E402
-from cosched.target import host_target  # noqa: E402
-from cosched.tuning import compact_database, tune_modules  # noqa: E402
+import cosched
+from cosched import bench
+from cosched.compare import load_models, make_inputs
+from cosched.passes import LowerKernels
+from cosched.target import host_target
+from cosched.tuning import compact_database, tune_modules
 
 
 def main() -> int:
@@ -46,8 +46,15 @@ def main() -> int:
     trials = 2
     while (elapsed := time.monotonic() - start) < args.minutes * 60:
         budget = min(args.chunk * 60, args.minutes * 60 - elapsed)
-        report = tune_modules(mods, target, args.work_dir, trials_per_task=trials, time_budget_s=budget,
-                              names=list(models), progress=False)
+        report = tune_modules(
+            mods,
+            target,
+            args.work_dir,
+            trials_per_task=trials,
+            time_budget_s=budget,
+            names=list(models),
+            progress=False,
+        )
         if report.tasks_left == 0 and report.tasks_tuned == 0:
             if trials == 8:
                 break
@@ -56,8 +63,12 @@ def main() -> int:
         snap = snapshots / f"{len(points)}"
         shutil.copytree(args.work_dir, snap)
         points.append(((time.monotonic() - start) / 60, snap, report.tasks_deduped - report.tasks_left))
-        print(f"[{points[-1][0]:.1f} min] snapshot {len(points)}: {points[-1][2]}/{report.tasks_deduped} tasks "
-              f"tuned with >= {trials} trials", file=sys.stderr, flush=True)
+        print(
+            f"[{points[-1][0]:.1f} min] snapshot {len(points)}: {points[-1][2]}/{report.tasks_deduped} tasks "
+            f"tuned with >= {trials} trials",
+            file=sys.stderr,
+            flush=True,
+        )
     compact_database(args.work_dir)
 
     inputs = make_inputs(tenants)

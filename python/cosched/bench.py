@@ -52,6 +52,21 @@ from tvm import relax
 from .errors import CoschedError
 from .tenant import Tenant
 
+__all__ = [
+    "Contender",
+    "Result",
+    "compile_tenant",
+    "format_table",
+    "header",
+    "measure",
+    "ort_concurrent",
+    "ort_sequential",
+    "relax_vm_concurrent",
+    "relax_vm_sequential",
+    "split_threads",
+    "to_json",
+]
+
 Inputs = dict[str, dict[str, np.ndarray]]
 """Tenant name -> input name -> array: the one set of inputs every contender is fed."""
 Outputs = dict[str, list[np.ndarray]]
@@ -127,8 +142,8 @@ def _configure_tvm_pool(nthreads: int) -> int:
         # TVM caps every pool at TVM_NUM_THREADS (else half the cores), and measured in 0.27 the
         # cap is read again when kernels run, not only when the pool is made: a pool configured
         # to 2 under TVM_NUM_THREADS=2 runs on one thread once the variable is gone. So it is
-        # raised to the largest size asked for and left set (process-wide; set only during
-        # setup, before any worker runs kernels, as setenv is not safe against getenv).
+        # raised to the largest size asked for and left set (process-wide). This happens during
+        # setup only, while no worker of ours runs kernels: setenv is not safe against getenv.
         current = os.environ.get("TVM_NUM_THREADS", "")
         if not current.isdigit() or int(current) < nthreads:
             os.environ["TVM_NUM_THREADS"] = str(nthreads)
