@@ -132,11 +132,7 @@ def run(bundles: Path, repeat: int) -> None:
         mix, batch = folder.name.rsplit("-b", 1)
         loaded = {c: load(folder / c.replace(" ", "_")) for c in CONTENDERS}
         first = next(iter(loaded.values()))
-        rng = np.random.default_rng(0)
-        inputs = {
-            t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
-            for t, specs in first.input_specs().items()
-        }
+        inputs = first.random_inputs()
         reference = first.run(inputs)
         for name, bundle in loaded.items():
             out = bundle.run(inputs)

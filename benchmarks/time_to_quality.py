@@ -74,7 +74,7 @@ def main() -> int:
     inputs = make_inputs(tenants)
     threads = os.cpu_count() or 1
     ort = bench.ort_sequential(models, inputs, threads)
-    rows = [(0.0, None, 0)] + points
+    rows = [(0.0, None, 0), *points]
     contenders = {}
     for minutes, snap, tasks in rows:
         bundle = cosched.compile(tenants, target, database=snap, cores=threads)

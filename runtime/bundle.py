@@ -185,6 +185,14 @@ class Bundle:
             for t in self.schedule.tenants
         }
 
+    def random_inputs(self, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+        """Seeded standard-normal inputs of the right shapes and dtypes for every tenant."""
+        rng = np.random.default_rng(seed)
+        return {
+            t: {n: rng.standard_normal(shape).astype(dtype) for n, (shape, dtype) in specs.items()}
+            for t, specs in self.input_specs().items()
+        }
+
     # -- running ----------------------------------------------------------------------------------
     def _new_session(self) -> _Session:
         device = self._device

@@ -5,18 +5,14 @@ import os
 # Before TVM creates a thread pool: pinning would serialize the stream workers on one core.
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import numpy as np
 import pytest
 
 import cosched
+from cosched.compare import make_inputs
 from cosched.models import light_model, tiny_cnn
 
 DEMO_MIX = ("squeezenet", "shufflenet", "inception_v1")
-
-
-def make_inputs(tenants, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {t.name: {i.name: rng.standard_normal(i.shape).astype(i.dtype) for i in t.inputs} for t in tenants}
+__all__ = ["DEMO_MIX", "make_inputs"]
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,11 @@ def tiny_model() -> onnx.ModelProto:
     w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype("float32"), "W")
     b = numpy_helper.from_array(rng.standard_normal(4).astype("float32"), "b")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
-         helper.make_node("Relu", ["z"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["z"]),
+            helper.make_node("Relu", ["z"], ["y"]),
+        ],
         "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
@@ -71,8 +74,13 @@ def test_contenders_agree(setup):
         assert set(out) == set(reference), c.name
         for name in reference:
             assert len(out[name]) == len(reference[name]) == 1
-            np.testing.assert_allclose(out[name][0], reference[name][0], rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{c.name} vs {contenders[0].name} on {name}")
+            np.testing.assert_allclose(
+                out[name][0],
+                reference[name][0],
+                rtol=1e-4,
+                atol=1e-5,
+                err_msg=f"{c.name} vs {contenders[0].name} on {name}",
+            )
     # The tiny model by hand, so that agreement is not agreement on a wrong answer.
     w = numpy_helper.to_array(tiny_model().graph.initializer[0])
     b = numpy_helper.to_array(tiny_model().graph.initializer[1])
@@ -111,7 +119,7 @@ def test_measure_alternates_round_robin():
     names = ["a", "b", "c"]
     results = bench.measure([rec.contender(n) for n in names], repeat=4, warmup=2, settle_s=0)
     assert len(rec.calls) == 3 * 6
-    rounds = [rec.calls[i:i + 3] for i in range(0, len(rec.calls), 3)]
+    rounds = [rec.calls[i : i + 3] for i in range(0, len(rec.calls), 3)]
     for k, r in enumerate(rounds):
         assert sorted(r) == names  # every contender once per round, never two runs of one in a row
         assert r[0] == names[k % 3]  # the contender opening a round rotates
@@ -134,8 +142,10 @@ def test_measure_statistics():
 
 
 def test_table_memory_column_and_direction():
-    results = [bench.Result("base", 10.0, 9.0, 11.0, None, 8.0, 3),
-               bench.Result("fast", 5.0, 4.5, 5.5, 3 * 2**20, 4.0, 3, "planned")]
+    results = [
+        bench.Result("base", 10.0, 9.0, 11.0, None, 8.0, 3),
+        bench.Result("fast", 5.0, 4.5, 5.5, 3 * 2**20, 4.0, 3, "planned"),
+    ]
     table = bench.format_table(results, "base")
     assert "base/this" in table and ">1 faster" in table
     rows = {line.split()[0]: line for line in table.splitlines()[2:4]}

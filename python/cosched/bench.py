@@ -153,8 +153,10 @@ def _configure_tvm_pool(nthreads: int) -> int:
     tvm.get_global_func("runtime.config_threadpool")(1, nthreads)
     got = int(tvm.runtime.num_threads())
     if got != nthreads:
-        raise CoschedError(f"TVM thread pool has {got} threads, asked for {nthreads}",
-                           hint="set TVM_NUM_THREADS to at least the thread count, or leave it unset")
+        raise CoschedError(
+            f"TVM thread pool has {got} threads, asked for {nthreads}",
+            hint="set TVM_NUM_THREADS to at least the thread count, or leave it unset",
+        )
     return got
 
 
@@ -269,7 +271,9 @@ def _warm_once(kind: str, setup: Callable[[], Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(names: Sequence[str], inputs: Inputs, specs: dict[str, list[tuple[str, tuple, str]]] | None = None) -> None:
+def _check_inputs(
+    names: Sequence[str], inputs: Inputs, specs: dict[str, list[tuple[str, tuple, str]]] | None = None
+) -> None:
     missing = [n for n in names if n not in inputs]
     if missing:
         raise CoschedError(f"no inputs given for tenants {missing}", hint=f"inputs has {sorted(inputs)}")
@@ -279,8 +283,9 @@ def _check_inputs(names: Sequence[str], inputs: Inputs, specs: dict[str, list[tu
                 raise CoschedError(f"input {name!r} missing", tenant=tenant, hint=f"given: {sorted(inputs[tenant])}")
             arr = np.asarray(inputs[tenant][name])
             if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
-                raise CoschedError(f"input {name!r} is {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}",
-                                   tenant=tenant)
+                raise CoschedError(
+                    f"input {name!r} is {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}", tenant=tenant
+                )
 
 
 def _numpy_outputs(value: Any) -> list[np.ndarray]:
@@ -303,20 +308,10 @@ def _numpy_outputs(value: Any) -> list[np.ndarray]:
 
 
 def compile_tenant(tenant: Tenant, target: tvm.target.Target, database: str | Path | None = None) -> relax.VMExecutable:
-    """Build one tenant alone: the "zero" pipeline (fusion, constant folding), then the tuned
-    schedules of a MetaSchedule JSONDatabase work dir if one is given, then ``tvm.compile``."""
-    if database is not None and not Path(database, "database_tuning_record.json").is_file():
-        raise CoschedError(f"no tuning database at {database}", tenant=tenant.name,
-                           hint="pass the work_dir of a MetaSchedule JSONDatabase")
-    # tvm.compile alone runs no FoldConstant/FuseOps on CPU: weights would be rebuilt every run.
-    mod = relax.get_pipeline("zero")(tenant.mod)
-    if database is not None:
-        from tvm.s_tir.meta_schedule.database import JSONDatabase
+    """Build one tenant alone for the Relax VM: the same lowering and tuned schedules as a bundle."""
+    from .reference import compile_alone
 
-        # Records are keyed by workload and target: both must be in scope when applying them.
-        with target, JSONDatabase(work_dir=str(database)):
-            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    return tvm.compile(mod, target)
+    return compile_alone(tenant, target, database)
 
 
 def _export(ex: relax.VMExecutable, tmp: str, name: str) -> str:
@@ -342,8 +337,12 @@ class _VmTenant:
         self.last = self.main(*self.args)
 
 
-def _prepare_vm_exes(tenants: Sequence[Tenant], target: tvm.target.Target, database: str | Path | None,
-                     executables: dict[str, relax.VMExecutable] | None) -> dict[str, relax.VMExecutable]:
+def _prepare_vm_exes(
+    tenants: Sequence[Tenant],
+    target: tvm.target.Target,
+    database: str | Path | None,
+    executables: dict[str, relax.VMExecutable] | None,
+) -> dict[str, relax.VMExecutable]:
     exes = dict(executables or {})
     for t in tenants:
         if t.name not in exes:
@@ -351,15 +350,23 @@ def _prepare_vm_exes(tenants: Sequence[Tenant], target: tvm.target.Target, datab
     return exes
 
 
-def _vm_contender(name: str, tenants: Sequence[Tenant], inputs: Inputs, target: tvm.target.Target,
-                  shares: list[int], database: str | Path | None, measure_memory: bool,
-                  executables: dict[str, relax.VMExecutable] | None) -> Contender:
+def _vm_contender(
+    name: str,
+    tenants: Sequence[Tenant],
+    inputs: Inputs,
+    target: tvm.target.Target,
+    shares: list[int],
+    database: str | Path | None,
+    measure_memory: bool,
+    executables: dict[str, relax.VMExecutable] | None,
+) -> Contender:
     """Shared by both VM baselines: ``shares`` has one entry per worker thread; with one entry
     every tenant runs on that worker in order, otherwise tenant i runs on worker i."""
     if not tenants:
         raise CoschedError("no tenants to benchmark")
-    _check_inputs([t.name for t in tenants], inputs,
-                  {t.name: [(s.name, s.shape, s.dtype) for s in t.inputs] for t in tenants})
+    _check_inputs(
+        [t.name for t in tenants], inputs, {t.name: [(s.name, s.shape, s.dtype) for s in t.inputs] for t in tenants}
+    )
     # Compilation happens outside the memory window: the compiler's heap is no part of the cost.
     exes = _prepare_vm_exes(tenants, target, database, executables)
     workers: list[_Worker] = []
@@ -375,7 +382,9 @@ def _vm_contender(name: str, tenants: Sequence[Tenant], inputs: Inputs, target: 
                 # stays mapped, so the contender's own load would then look free.
                 first = tenants[0]
                 warm_lib = shutil.copy(libs[first.name], os.path.join(tmp, "warm.so"))
-                _warm_once("relax-vm", lambda: _VmTenant(first, tvm.runtime.load_module(warm_lib), inputs[first.name])())
+                _warm_once(
+                    "relax-vm", lambda: _VmTenant(first, tvm.runtime.load_module(warm_lib), inputs[first.name])()
+                )
                 window.start()
             workers = [_Worker(f"{name}-{i}", tvm_threads=n) for i, n in enumerate(shares)]
             owner = [workers[0]] * len(tenants) if len(workers) == 1 else workers
@@ -423,19 +432,33 @@ def _make_run(workers: list[_Worker], owner: list[_Worker], jobs: list[Callable[
     return concurrent
 
 
-def relax_vm_sequential(tenants: Sequence[Tenant], inputs: Inputs, target: tvm.target.Target, threads: int,
-                        database: str | Path | None = None, *, measure_memory: bool = True,
-                        executables: dict[str, relax.VMExecutable] | None = None,
-                        name: str = "relax-vm-seq") -> Contender:
+def relax_vm_sequential(
+    tenants: Sequence[Tenant],
+    inputs: Inputs,
+    target: tvm.target.Target,
+    threads: int,
+    database: str | Path | None = None,
+    *,
+    measure_memory: bool = True,
+    executables: dict[str, relax.VMExecutable] | None = None,
+    name: str = "relax-vm-seq",
+) -> Contender:
     """Each tenant compiled alone, one VM each, run one after another on one thread whose TVM
     pool has ``threads`` workers. ``executables`` (tenant name -> compiled) skips compiling."""
     return _vm_contender(name, list(tenants), inputs, target, [threads], database, measure_memory, executables)
 
 
-def relax_vm_concurrent(tenants: Sequence[Tenant], inputs: Inputs, target: tvm.target.Target, threads: int,
-                        database: str | Path | None = None, *, measure_memory: bool = True,
-                        executables: dict[str, relax.VMExecutable] | None = None,
-                        name: str = "relax-vm-concurrent") -> Contender:
+def relax_vm_concurrent(
+    tenants: Sequence[Tenant],
+    inputs: Inputs,
+    target: tvm.target.Target,
+    threads: int,
+    database: str | Path | None = None,
+    *,
+    measure_memory: bool = True,
+    executables: dict[str, relax.VMExecutable] | None = None,
+    name: str = "relax-vm-concurrent",
+) -> Contender:
     """One VM per tenant, each on its own persistent thread with its share of the ``threads``
     cores as TVM pool size (see :func:`split_threads`); a run starts all together and joins."""
     tenants = list(tenants)
@@ -450,8 +473,9 @@ def relax_vm_concurrent(tenants: Sequence[Tenant], inputs: Inputs, target: tvm.t
 
 
 class _OrtTenant:
-    def __init__(self, name: str, model_bytes: bytes, feeds: dict[str, np.ndarray], intra_op: int,
-                 spinning: bool | None):
+    def __init__(
+        self, name: str, model_bytes: bytes, feeds: dict[str, np.ndarray], intra_op: int, spinning: bool | None
+    ):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -477,14 +501,23 @@ def _tiny_onnx() -> bytes:
     """y = x: enough to initialise ONNX Runtime's environment."""
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "warm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
 
 
-def _ort_contender(name: str, models: dict[str, onnx.ModelProto], inputs: Inputs, shares: list[int],
-                   measure_memory: bool, spinning: bool | None) -> Contender:
+def _ort_contender(
+    name: str,
+    models: dict[str, onnx.ModelProto],
+    inputs: Inputs,
+    shares: list[int],
+    measure_memory: bool,
+    spinning: bool | None,
+) -> Contender:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -498,13 +531,18 @@ def _ort_contender(name: str, models: dict[str, onnx.ModelProto], inputs: Inputs
     window = _RssWindow() if measure_memory else None
     try:
         if window is not None:
-            _warm_once("onnxruntime", lambda: _OrtTenant("warm", _tiny_onnx(), {"x": np.zeros(1, "float32")}, 1, None)())
+            _warm_once(
+                "onnxruntime", lambda: _OrtTenant("warm", _tiny_onnx(), {"x": np.zeros(1, "float32")}, 1, None)()
+            )
             window.start()
         # ORT has its own intra-op pool per session; our threads only carry the calls.
         workers = [_Worker(f"{name}-{i}") for i in range(len(shares))]
         owner = [workers[0]] * len(models) if len(workers) == 1 else workers
         intra = [shares[0]] * len(models) if len(shares) == 1 else shares
-        sessions = [w.call(_OrtTenant, k, blobs[k], inputs[k], n, spinning) for (k, w, n) in zip(models, owner, intra, strict=True)]
+        sessions = [
+            w.call(_OrtTenant, k, blobs[k], inputs[k], n, spinning)
+            for (k, w, n) in zip(models, owner, intra, strict=True)
+        ]
         run = _make_run(workers, owner, sessions)
         run()
         if window is not None:
@@ -525,17 +563,30 @@ def _ort_contender(name: str, models: dict[str, onnx.ModelProto], inputs: Inputs
     return Contender(name, run, window.bytes if window is not None else None, close, outputs)
 
 
-def ort_sequential(models: dict[str, onnx.ModelProto], inputs: Inputs, threads: int, *,
-                   measure_memory: bool = True, spinning: bool | None = None, name: str = "ort-seq") -> Contender:
+def ort_sequential(
+    models: dict[str, onnx.ModelProto],
+    inputs: Inputs,
+    threads: int,
+    *,
+    measure_memory: bool = True,
+    spinning: bool | None = None,
+    name: str = "ort-seq",
+) -> Contender:
     """One ONNX Runtime session per model (CPU, ``intra_op_num_threads=threads``), run in order.
 
     ``spinning`` sets ``session.intra_op.allow_spinning`` (None: ONNX Runtime's default, on)."""
     return _ort_contender(name, dict(models), inputs, [threads], measure_memory, spinning)
 
 
-def ort_concurrent(models: dict[str, onnx.ModelProto], inputs: Inputs, threads: int, *,
-                   measure_memory: bool = True, spinning: bool | None = None,
-                   name: str = "ort-concurrent") -> Contender:
+def ort_concurrent(
+    models: dict[str, onnx.ModelProto],
+    inputs: Inputs,
+    threads: int,
+    *,
+    measure_memory: bool = True,
+    spinning: bool | None = None,
+    name: str = "ort-concurrent",
+) -> Contender:
     """One session per model on its own persistent thread, ``intra_op_num_threads`` = its share
     of ``threads`` (>= 1); a run starts all together and joins. With more threads per session
     than cores the sessions oversubscribe the machine (measured 0.8x of sequential)."""
@@ -550,8 +601,15 @@ def ort_concurrent(models: dict[str, onnx.ModelProto], inputs: Inputs, threads: 
 # --------------------------------------------------------------------------------------------
 
 
-def measure(contenders: Sequence[Contender], repeat: int = 20, warmup: int = 3, *, number: int = 1,
-            rotate: bool = True, settle_s: float = 0.25) -> list[Result]:
+def measure(
+    contenders: Sequence[Contender],
+    repeat: int = 20,
+    warmup: int = 3,
+    *,
+    number: int = 1,
+    rotate: bool = True,
+    settle_s: float = 0.25,
+) -> list[Result]:
     """Time every contender ``repeat`` times, round-robin.
 
     Each round runs every contender once (``number`` back-to-back runs, averaged into one sample),
@@ -655,15 +713,19 @@ def header(threads: int | None = None, target: tvm.target.Target | None = None) 
     lines = [
         f"machine : {_cpu_model()}; {_physical_cores() or '?'} physical cores, os.cpu_count()={os.cpu_count()}"
         + (f", usable by this process={usable}" if usable is not None else ""),
-        (f"threads : {threads if threads is not None else '?'} "
-         f"(TVM_BIND_THREADS={os.environ.get('TVM_BIND_THREADS', 'unset')}, "
-         f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')})"),
+        (
+            f"threads : {threads if threads is not None else '?'} "
+            f"(TVM_BIND_THREADS={os.environ.get('TVM_BIND_THREADS', 'unset')}, "
+            f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')})"
+        ),
     ]
     if target is not None:
         lines.append(f"target  : {target}")
     lines += [
-        (f"versions: tvm {_version('tvm')}, tvm_ffi {_version('tvm_ffi')}, onnxruntime {_version('onnxruntime')}, "
-         f"numpy {np.__version__}, python {platform.python_version()} ({sys.implementation.name})"),
+        (
+            f"versions: tvm {_version('tvm')}, tvm_ffi {_version('tvm_ffi')}, onnxruntime {_version('onnxruntime')}, "
+            f"numpy {np.__version__}, python {platform.python_version()} ({sys.implementation.name})"
+        ),
         f"os      : {platform.platform()}",
         f"date    : {datetime.now().astimezone().strftime('%Y-%m-%d %H:%M:%S %Z')}",
     ]
@@ -685,15 +747,18 @@ def format_table(results: Sequence[Result], baseline_name: str) -> str:
     sources = sorted({r.memory_source for r in results if r.memory_bytes is not None})
     marks = {s: "*" * (i + 1) for i, s in enumerate(sources)}
     width = max(len("contender"), *(len(r.name) for r in results))
-    head = (f"{'contender':<{width}}  {'median ms':>10}  {'p25-p75 ms':>17}  {'min ms':>9}  "
-            f"{'speedup (base/this, >1 faster)':>30}  {'memory MiB':>11}")
+    head = (
+        f"{'contender':<{width}}  {'median ms':>10}  {'p25-p75 ms':>17}  {'min ms':>9}  "
+        f"{'speedup (base/this, >1 faster)':>30}  {'memory MiB':>11}"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
         speedup = base / r.median_ms if r.median_ms > 0 else float("inf")
         memory = "-" if r.memory_bytes is None else f"{r.memory_bytes / 2**20:.1f}{marks[r.memory_source]}"
         spread = f"{r.p25:.2f}-{r.p75:.2f}"
-        rows.append(f"{r.name:<{width}}  {r.median_ms:>10.2f}  {spread:>17}  {r.min_ms:>9.2f}  "
-                    f"{speedup:>30.2f}  {memory:>11}")
+        rows.append(
+            f"{r.name:<{width}}  {r.median_ms:>10.2f}  {spread:>17}  {r.min_ms:>9.2f}  {speedup:>30.2f}  {memory:>11}"
+        )
     rows.append(f"baseline: {baseline_name}; {results[0].repeat if results else 0} runs each, round-robin")
     for s in sources:
         rows.append(f"{marks[s]} {_MEMORY_NOTES.get(s, s)}")

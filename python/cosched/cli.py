@@ -62,16 +62,11 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from cosched.runtime import load
 
     bundle = load(args.bundle)
-    rng = np.random.default_rng(0)
-    inputs = {
-        t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
-        for t, specs in bundle.input_specs().items()
-    }
+    inputs = bundle.random_inputs()
     bundle.run(inputs)
     times = []
     for _ in range(args.repeat):

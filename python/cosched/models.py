@@ -107,12 +107,6 @@ def light_model(name: str, seed: int = 0) -> onnx.ModelProto:
     return randomize_weights(onnx.load(str(light_model_path(name))), seed)
 
 
-def random_inputs(shapes: dict[str, tuple[tuple[int, ...], str]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs for ``{name: (shape, dtype)}``."""
-    rng = np.random.default_rng(seed)
-    return {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
-
-
 def tiny_cnn(
     name: str = "tiny", seed: int = 0, width: int = 8, depth: int = 2, size: int = 16, classes: int = 10
 ) -> onnx.ModelProto:
@@ -156,4 +150,4 @@ def tiny_cnn(
     return model
 
 
-__all__ = ["LIGHT_MODELS", "light_model", "light_model_path", "random_inputs", "randomize_weights", "tiny_cnn"]
+__all__ = ["LIGHT_MODELS", "light_model", "light_model_path", "randomize_weights", "tiny_cnn"]

@@ -11,11 +11,15 @@ from tvm import relax
 from .tenant import Tenant
 
 
-def lower_alone(tenant: Tenant, target: tvm.target.Target, database: str | Path | None = None) -> tvm.IRModule:
-    """The tenant's module through the same lowering (and database) as a bundle, without merging."""
+def compile_alone(tenant: Tenant, target: tvm.target.Target, database: str | Path | None = None):
+    """The tenant alone for the Relax VM, through the same lowering (and database) as a bundle."""
     from cosched.passes import LowerKernels
 
-    return LowerKernels(target, database)(tenant.mod)
+    if database is not None:
+        from .tuning import check_database
+
+        check_database(database, target)
+    return tvm.compile(LowerKernels(target, database)(tenant.mod), target=target)
 
 
 class AloneRunner:
@@ -23,7 +27,7 @@ class AloneRunner:
 
     def __init__(self, tenant: Tenant, target: tvm.target.Target, database: str | Path | None = None):
         self.tenant = tenant
-        self.executable = tvm.compile(lower_alone(tenant, target, database), target=target)
+        self.executable = compile_alone(tenant, target, database)
         self.vm = relax.VirtualMachine(self.executable, tvm.cpu())
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -439,11 +439,7 @@ def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **o
     from .extract import extract_schedule
 
     if inputs is None:
-        rng = np.random.default_rng(0)
-        inputs = {
-            t: {n: rng.standard_normal(s).astype(d) for n, (s, d) in specs.items()}
-            for t, specs in bundle.input_specs().items()
-        }
+        inputs = bundle.random_inputs()
     model_path = Path(work_dir) / "cost_model.json" if work_dir else None
     report = search(bundle, inputs, model_path=model_path, **options)
     mod = ApplySchedule(report.best.schedule)(bundle.ir)

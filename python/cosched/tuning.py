@@ -694,8 +694,9 @@ def tune(
     report, trials_run = None, 0
     for pass_trials, share in ((min(first_trials, trials), 0.65), (trials, 1.0)):
         left = None if time_budget is None else max(0.0, time_budget * share - (time.monotonic() - start))
-        report = tune_modules(mods, tgt, work_dir, trials_per_task=pass_trials, time_budget_s=left, names=names,
-                              progress=progress)
+        report = tune_modules(
+            mods, tgt, work_dir, trials_per_task=pass_trials, time_budget_s=left, names=names, progress=progress
+        )
         trials_run += report.trials_run
     compact_database(work_dir)
     report.trials_run = trials_run
