@@ -73,16 +73,16 @@ def build(out: Path, arch: str) -> None:
                 print(f"built {folder}", file=sys.stderr)
 
 
-def _gpu_utilisation() -> str:
+def _nvidia_smi(query: str, default: str) -> str:
     try:
         return subprocess.run(
-            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "n/a"
+        return default
 
 
 def _torch_contenders(names, batch):
@@ -126,7 +126,7 @@ def run(bundles: Path, repeat: int) -> None:
 
     from cosched.runtime import load
 
-    print(f"device  : {_gpu_name()}")
+    print(f"device  : {_nvidia_smi('name,driver_version', 'unknown')}")
     print(f"date    : {time.strftime('%Y-%m-%d %H:%M:%S')}; repeat {repeat}, runs alternated, medians")
     for folder in sorted(p for p in bundles.iterdir() if p.is_dir()):
         mix, batch = folder.name.rsplit("-b", 1)
@@ -150,7 +150,7 @@ def run(bundles: Path, repeat: int) -> None:
                 if r >= 2:
                     samples[key].append((time.perf_counter() - t0) * 1e3)
         base = statistics.median(samples["one-after-another (1 stream)"])
-        print(f"\n== {mix}, batch {batch} (GPU utilisation now: {_gpu_utilisation()})")
+        print(f"\n== {mix}, batch {batch} (GPU utilisation now: {_nvidia_smi('utilization.gpu', 'n/a')})")
         print(f"{'contender':<60} {'median ms':>10} {'speedup vs 1 stream':>20}")
         for name, values in samples.items():
             med = statistics.median(values)
@@ -163,18 +163,6 @@ def run(bundles: Path, repeat: int) -> None:
                 {"mix": mix, "batch": int(batch), "median_ms": {k: statistics.median(v) for k, v in samples.items()}}
             )
         )
-
-
-def _gpu_name() -> str:
-    try:
-        return subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def main() -> int:
