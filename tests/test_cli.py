@@ -59,3 +59,13 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cosched: error: tenant 'bad'")
     assert not (tmp_path / "x").exists()
+
+
+def test_tune_then_search_writes_database_and_searched_schedule(model_files, tmp_path, capsys):
+    work = tmp_path / "db"
+    assert main(["tune", *model_files, "--work-dir", str(work), "--trials", "1", "--schedule"]) == 0
+    out = capsys.readouterr().out
+    assert "distinct kernels" in out and "search:" in out
+    assert (work / "cosched_target.json").exists()
+    assert (work / "search" / "searched_schedule.json").exists()
+    assert (work / "search" / "cost_model.json").exists()

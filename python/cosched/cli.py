@@ -53,9 +53,18 @@ def _compile(args: argparse.Namespace) -> int:
 
     models = load_models(args.models)
     tenants = [load_onnx(m, name=n) for n, m in models.items()]
+    # A searched schedule keeps its cost model next to the database, so later searches start from it.
+    search = {"work_dir": Path(args.database) / "search"} if args.schedule == "search" and args.database else None
     bundle = compile_bundle(
-        tenants, schedule=args.schedule, num_streams=args.streams, database=args.database, cores=args.threads
+        tenants,
+        schedule=args.schedule,
+        num_streams=args.streams,
+        database=args.database,
+        cores=args.threads,
+        search_options=search,
     )
+    if bundle.search_report is not None:
+        print(bundle.search_report.summary())
     print(bundle.schedule.summary())
     print(f"exported to {bundle.export(args.output)}")
     return 0
@@ -82,17 +91,31 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from .compare import load_models
+    from .tenant import load_onnx
     from .tuning import tune
 
     models = load_models(args.models)
+    tenants = [load_onnx(m, name=n) for n, m in models.items()]
     report = tune(
-        list(models.values()),
+        tenants,
         work_dir=args.work_dir,
         trials=args.trials,
         time_budget=None if args.budget is None else args.budget * 60,
-        names=list(models),
     )
-    print(report)
+    print(
+        f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
+        f"{report.trials_run} trials in {report.seconds / 60:.1f} min; {report.tasks_left} not reached; "
+        f"database in {args.work_dir}"
+    )
+    if args.schedule:
+        from .compiler import compile as compile_bundle
+
+        search_dir = Path(args.work_dir) / "search"
+        bundle = compile_bundle(
+            tenants, database=args.work_dir, schedule="search", search_options={"work_dir": search_dir, "log": print}
+        )
+        print(bundle.search_report.summary())
+        print(f"searched schedule and cost model in {search_dir}")
     return 0
 
 
