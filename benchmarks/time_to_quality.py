@@ -12,7 +12,6 @@ ONNX Runtime on the same inputs; the last snapshot is left compacted in ``--work
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -79,26 +78,16 @@ def main() -> int:
     for minutes, snap, tasks in rows:
         bundle = cosched.compile(tenants, target, database=snap, cores=threads)
         contenders[f"{minutes:5.1f} min ({tasks} tasks)"] = bundle
-    runs = {name: (lambda b=b: b.run(inputs)) for name, b in contenders.items()}
-    runs["onnxruntime"] = ort.run
-    for run in runs.values():
-        run()
-    samples = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(args.repeat):
-        for i in range(len(names)):
-            name = names[(i + r) % len(names)]
-            t0 = time.perf_counter()
-            runs[name]()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+    timed = [bench.Contender(name, lambda b=b: b.run(inputs)) for name, b in contenders.items()]
+    timed.append(bench.Contender("onnxruntime", ort.run))
+    results = bench.measure(timed, repeat=args.repeat, warmup=1, settle_s=0.0)
     ort.close()
     print(bench.header(threads, target))
     print(f"mix: {', '.join(models)}; cosched default schedule; {args.repeat} alternating runs, medians")
-    ort_ms = statistics.median(samples["onnxruntime"])
+    ort_ms = results[-1].median_ms
     print(f"{'tuning time':<24} {'bundle ms':>10} {'vs ORT seq':>11}")
-    for name, values in samples.items():
-        med = statistics.median(values)
-        print(f"{name:<24} {med:>10.2f} {med / ort_ms:>10.2f}x")
+    for r in results:
+        print(f"{r.name:<24} {r.median_ms:>10.2f} {r.median_ms / ort_ms:>10.2f}x")
     shutil.rmtree(snapshots, ignore_errors=True)
     return 0
 

@@ -8,7 +8,7 @@ import tvm
 from tvm import relax
 
 from cosched.errors import CoschedError
-from cosched.tenant import Tenant
+from cosched.tenant import Tenant, check_unique_names
 
 from .graph import ATTR_INPUT_NAMES, ATTR_OUTPUT_TENANTS, ATTR_PARAM_TENANTS, ATTR_TENANTS
 
@@ -17,10 +17,7 @@ ATTR_TENANT = "cosched.tenant"
 
 def stack_tenants(tenants: Sequence[Tenant]) -> tvm.IRModule:
     """Put each tenant's entry function into one module, named after the tenant, ready for MergeTenants."""
-    names = [t.name for t in tenants]
-    for name in names:
-        if names.count(name) > 1:
-            raise CoschedError("two tenants have this name", tenant=name, hint="pass distinct name= to load_onnx")
+    check_unique_names(tenants)
     bb = relax.BlockBuilder()
     for index, tenant in enumerate(tenants):
         funcs = {gv.name_hint: f for gv, f in tenant.mod.functions.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -59,20 +59,6 @@ class Trace:
     def save_chrome(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_text(json.dumps(self.to_chrome()))
-        return path
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(
-            json.dumps(
-                {
-                    "events": [asdict(e) for e in self.events],
-                    "num_streams": self.num_streams,
-                    "tenants": self.tenants,
-                    "device": self.device,
-                }
-            )
-        )
         return path
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:

@@ -73,10 +73,6 @@ class Comparison:
     bundles: dict[str, object] = field(default_factory=dict)
     baseline: str = "relax-vm-seq"
 
-    def speedup(self, name: str, over: str | None = None) -> float:
-        by = {r.name: r for r in self.results}
-        return by[over or self.baseline].median_ms / by[name].median_ms
-
 
 def cosched_contender(name: str, bundle, inputs) -> bench.Contender:
     last: dict = {}

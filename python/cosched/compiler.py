@@ -16,7 +16,7 @@ from tvm import tirx
 from .errors import CoschedError
 from .extract import extract_schedule
 from .target import as_target
-from .tenant import Tenant, as_tenant
+from .tenant import Tenant, as_tenant, check_unique_names
 
 
 @cache
@@ -34,10 +34,7 @@ def as_tenants(tenants: Sequence[Tenant | tvm.IRModule | str | Path | bytes | on
     result = [as_tenant(t, i) for i, t in enumerate(tenants)]
     if not result:
         raise CoschedError("no tenants given", hint="pass a list of models")
-    names = [t.name for t in result]
-    for name in names:
-        if names.count(name) > 1:
-            raise CoschedError("two tenants have this name", tenant=name, hint="pass a distinct name= to load_onnx")
+    check_unique_names(result)
     return result
 
 

@@ -298,17 +298,12 @@ def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
 
 def measure(bundle, schedules: list[Schedule], inputs, repeat: int = 5) -> list[float]:
     """Median latency (ms) of each schedule, runs alternated across schedules."""
-    bundles = [bundle.with_schedule(s, bundle.params()) for s in schedules]
-    for b in bundles:
-        b.run(inputs)  # warm-up: workers and workspace
-    samples: list[list[float]] = [[] for _ in bundles]
-    for r in range(repeat):
-        for i in range(len(bundles)):
-            j = (i + r) % len(bundles)
-            t0 = time.perf_counter()
-            bundles[j].run(inputs)
-            samples[j].append((time.perf_counter() - t0) * 1e3)
-    return [float(np.median(s)) for s in samples]
+    from . import bench
+
+    bundles = [bundle.with_schedule(s) for s in schedules]
+    contenders = [bench.Contender(name=str(i), run=lambda b=b: b.run(inputs)) for i, b in enumerate(bundles)]
+    # One warm-up round starts workers and workspaces; no settle pause, the batch is timed back to back.
+    return [r.median_ms for r in bench.measure(contenders, repeat=repeat, warmup=1, settle_s=0.0)]
 
 
 def seeds(bundle) -> list[Candidate]:

@@ -173,6 +173,14 @@ def from_relax(mod: tvm.IRModule, name: str, input_names: list[str] | None = Non
     return Tenant(name=label, mod=mod, inputs=specs, outputs=[])
 
 
+def check_unique_names(tenants) -> None:
+    """Tenant names key inputs, outputs and kernels: two tenants may not share one."""
+    names = [t.name for t in tenants]
+    for name in names:
+        if names.count(name) > 1:
+            raise CoschedError("two tenants have this name", tenant=name, hint="pass a distinct name= to load_onnx")
+
+
 def as_tenant(obj: Tenant | tvm.IRModule | str | Path | bytes | onnx.ModelProto, index: int) -> Tenant:
     """Turn anything the API accepts into a tenant."""
     if isinstance(obj, Tenant):
