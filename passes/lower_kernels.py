@@ -36,13 +36,29 @@ def _gpu_default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
     return apply
 
 
-def LowerKernels(target: tvm.target.Target, database: str | Path | None = None) -> tvm.transform.Pass:  # noqa: N802
+def LowerKernels(  # noqa: N802
+    target: tvm.target.Target, database: str | Path | None = None, weight_prepack: bool | None = None
+) -> tvm.transform.Pass:
     """Legalize, fold and fuse main into TIR kernels, then apply tuned (or GPU default) schedules."""
+    # Prepacking lets a tuned CPU kernel read its constant weights in the layout its loops want
+    # (MetaSchedule's RewriteLayout); the repacked weights are folded at compile time, so the
+    # bundle's interface is unchanged. It is part of the workload, so tuning and compiling must agree.
+    prepack = target.kind.name == "llvm" if weight_prepack is None else weight_prepack
     passes = [relax.get_pipeline("zero"), relax.transform.DeadCodeElimination(["main"])]
+    if prepack:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     if database is not None:
         if not Path(database).is_dir():
             raise CoschedError(f"no tuning database at {database}", hint="run `cosched tune` or pass database=None")
         passes.append(_apply_database(target, database))
+        if prepack:
+            passes += [
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),
+                # Folding leaves tuples of repacked weights and aliases; the kernel graph wants plain calls.
+                relax.transform.CanonicalizeBindings(),
+                relax.transform.DeadCodeElimination(["main"]),
+            ]
     if target.kind.name == "cuda":
         passes.append(_gpu_default_schedule(target))
     return tvm.transform.Sequential(passes, name="LowerKernels")
