@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import tvm
-from tvm import relax
+import tvm_ffi
+from tvm import relax, tirx
 
 from cosched.errors import CoschedError
+
+logger = logging.getLogger(__name__)
 
 
 def _apply_database(target: tvm.target.Target, database: str | Path) -> tvm.transform.Pass:
@@ -18,7 +23,18 @@ def _apply_database(target: tvm.target.Target, database: str | Path) -> tvm.tran
         # The database is applied under its target: records are keyed by workload, not by tenant, so
         # a kernel shared by several tenants gets its one tuned schedule.
         with target, ms.database.JSONDatabase(work_dir=str(database), allow_missing=False):
-            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        kernels = [gv for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+        tuned = sum(not tvm_ffi.structural_equal(mod[gv], applied[gv]) for gv in kernels)
+        if kernels and not tuned:
+            # A silent fallback would show up only as a 10-80x slower bundle.
+            logger.warning(
+                "database %s has a record for none of the %d kernels (tuned for other models, or before "
+                "weight prepacking); they stay untuned: rerun `cosched tune`",
+                database,
+                len(kernels),
+            )
+        return applied
 
     return apply
 

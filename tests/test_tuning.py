@@ -226,3 +226,14 @@ def test_prepacked_weights_tuned_and_exact(tmp_path):
     untuned = cosched.compile([tenant], target=TARGET).run({"b": {"x": x}})["b"][0]
     tuned = cosched.compile([tenant], target=TARGET, database=tmp_path).run({"b": {"x": x}})["b"][0]
     np.testing.assert_allclose(tuned, untuned, rtol=1e-4, atol=1e-4)
+
+
+def test_database_without_matching_records_warns(tuned, caplog):
+    """A database from other models applies to nothing: say so instead of running untuned silently."""
+    from cosched.passes import LowerKernels
+
+    work_dir, _ = tuned  # tuned without prepacking, so none of its workloads match
+    tenant = load_onnx(conv_model("b", 2, True), name="b")
+    with caplog.at_level("WARNING"):
+        LowerKernels(TARGET, work_dir)(tenant.mod)
+    assert "none of the 2 kernels" in caplog.text
