@@ -237,3 +237,16 @@ def test_database_without_matching_records_warns(tuned, caplog):
     with caplog.at_level("WARNING"):
         LowerKernels(TARGET, work_dir)(tenant.mod)
     assert "none of the 2 kernels" in caplog.text
+
+
+def test_early_stop_ends_stale_tasks(mods, tmp_path):
+    """With patience 2 and a gain nothing reaches, each task stops after its first 1 + 2 trials."""
+    report = tuning.tune_modules(
+        mods, TARGET, tmp_path, trials_per_task=4, names=NAMES, progress=False, patience=2, min_gain=0.99
+    )
+    assert report.tasks_tuned == 2 and report.tasks_stopped_early == 2
+    assert report.trials_run == 6 and report.trials_saved == 2 * 4 - 6
+    assert sorted(records_by_workload(tmp_path).values()) == [3, 3]
+    # A stopped task is complete: the rerun spends nothing on it.
+    again = tuning.tune_modules(mods, TARGET, tmp_path, trials_per_task=4, names=NAMES, progress=False)
+    assert again.tasks_tuned == 0 and again.trials_run == 0

@@ -101,6 +101,10 @@ class TuneReport:
     """Tasks that already had all their trials in the database."""
     tasks_left: int = 0
     """Tasks not reached before the time budget ran out."""
+    tasks_stopped_early: int = 0
+    """Tasks whose search stopped before its trials because measurements stopped improving."""
+    trials_saved: int = 0
+    """Trials the early stops did not spend."""
     work_dir: str = ""
 
     @property
@@ -410,14 +414,62 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.on_batch = on_batch
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-        best = None
-        for res in runner_results:
-            if res.error_msg is None and res.run_secs:
-                secs = [float(s) for s in res.run_secs]
-                mean = sum(secs) / len(secs)
-                if mean < _FAILED_SECS:
-                    best = mean if best is None else min(best, mean)
-        self.on_batch(len(runner_results), None if best is None else best * 1e6)
+        measured = [us for res in runner_results if (us := _mean_us(res)) is not None]
+        self.on_batch(len(runner_results), min(measured) if measured else None)
+
+
+@derived_object
+class _EarlyStop(ms.search_strategy.PySearchStrategy):
+    """Evolutionary search that ends a task once ``patience`` trials brought no ``min_gain`` improvement.
+
+    Stopping through the strategy (no more candidates) lets MetaSchedule's scheduler end the task
+    the ordinary way; its records so far are in the database already.
+    """
+
+    def __init__(self, inner, patience: int, min_gain: float, best_us: float | None, outcome: dict) -> None:
+        super().__init__()
+        self.inner, self.patience, self.min_gain = inner, patience, min_gain
+        self.best_us = best_us
+        self.stale = 0  # trials since the last real improvement
+        # Shared with clones (TuneContext clones its strategy): how the task ended, for the report.
+        self.outcome = outcome
+        self.outcome.update(stopped=False, measured=0)
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.inner._initialize_with_tune_context(context)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
+        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self):
+        return None if self.outcome["stopped"] else self.inner.generate_measure_candidates()
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        self.inner.notify_runner_results(measure_candidates, results)
+        self.outcome["measured"] += len(results)
+        batch = [us for r in results if (us := _mean_us(r)) is not None]
+        if batch and (self.best_us is None or min(batch) < self.best_us * (1.0 - self.min_gain)):
+            self.stale = 0
+        else:
+            self.stale += len(results)
+        if batch:
+            self.best_us = min(batch) if self.best_us is None else min(self.best_us, min(batch))
+        self.outcome["stopped"] = self.stale >= self.patience
+
+    def clone(self):
+        return _EarlyStop(self.inner.clone(), self.patience, self.min_gain, self.best_us, self.outcome)
+
+
+def _mean_us(result: ms.runner.RunnerResult) -> float | None:
+    """A successful measurement's mean latency in microseconds; None for a failed one."""
+    if result.error_msg is not None or not result.run_secs:
+        return None
+    secs = [float(s) for s in result.run_secs]
+    mean = sum(secs) / len(secs)
+    return mean * 1e6 if mean < _FAILED_SECS else None
 
 
 def _num_cores(target: tvm.target.Target) -> int:
@@ -495,6 +547,8 @@ def tune_modules(
     progress: bool = True,
     max_tasks: int | None = None,
     seed: int | None = 0,
+    patience: int | None = 16,
+    min_gain: float = 0.02,
 ) -> TuneReport:
     """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
 
@@ -504,6 +558,10 @@ def tune_modules(
     earlier ones taught it. A task is not started once ``time_budget_s`` is spent, nor when the
     time it would take (the mean of the tasks so far) would overrun the budget; a task already
     running is finished. ``max_tasks`` caps how many tasks get trials in this run.
+
+    Early stop: a task whose last ``patience`` trials did not improve its best latency (including
+    records from earlier runs) by ``min_gain`` ends there and counts as complete; its search then
+    goes in batches of ``patience // 2`` so that the check comes often. ``patience=None`` spends every trial.
 
     Resumable: records are appended to the database as they are measured, and a workload that
     already has its trials (counted from the records and ``cosched_target.json``) is skipped, one
@@ -524,7 +582,8 @@ def tune_modules(
     db = _open_database(path)
     on_disk = _records_per_workload(db, tasks)
     done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
-    plan = _Plan(path, meta, db, done, todo=[t for t in tasks if done[t.key] < trials_per_task])
+    todo = [t for t in tasks if done[t.key] < trials_per_task]
+    plan = _Plan(path, meta, db, done, todo, patience, min_gain)
     report = TuneReport(
         tasks_total=sum(len(t.users) for t in tasks),
         tasks_deduped=len(tasks),
@@ -543,10 +602,13 @@ def tune_modules(
     report.seconds = time.monotonic() - start
     report.best_us = {t.name: us for t in tasks if (us := _best_us(db, t)) is not None}
     logger.info(
-        "tuned %d tasks (%d trials) in %.0f s; %d already done, %d left for lack of time",
+        "tuned %d tasks (%d trials) in %.0f s; %d stopped early (%d trials saved), %d already done, "
+        "%d left for lack of time",
         report.tasks_tuned,
         report.trials_run,
         report.seconds,
+        report.tasks_stopped_early,
+        report.trials_saved,
         report.tasks_skipped,
         report.tasks_left,
     )
@@ -564,6 +626,8 @@ class _Plan:
     """Trials each workload had before this run, by ``TaskInfo.key``."""
     todo: list[TaskInfo]
     """Tasks still short of trials, costliest first."""
+    patience: int | None
+    min_gain: float
 
 
 def _tune_plan(
@@ -595,27 +659,27 @@ def _tune_plan(
                     break
                 bar.start_task(task, _best_us(plan.db, task))
                 t0 = time.monotonic()
+                trials = trials_per_task - plan.done[task.key]
+                strategy, batch, outcome = _search_strategy(trials), min(trials, 64), {}
+                if plan.patience is not None and plan.patience < trials:
+                    best = _best_us(plan.db, task)
+                    strategy = _EarlyStop(strategy, plan.patience, plan.min_gain, best, outcome)
+                    batch = max(1, plan.patience // 2)
                 ctx = ms.TuneContext(
                     mod=task.mod,
                     target=target,
                     space_generator="post-order-apply",
-                    search_strategy=_search_strategy(trials_per_task - plan.done[task.key]),
+                    search_strategy=strategy,
                     task_name=task.name,
                     rand_state=seeds[i],
                     num_threads=cores,
                 ).clone()
-                _run_task(
-                    ctx,
-                    task.weight,
-                    trials_per_task - plan.done[task.key],
-                    builder,
-                    runner,
-                    plan.db,
-                    cost_model,
-                    callbacks,
-                )
+                _run_task(ctx, task.weight, trials, batch, builder, runner, plan.db, cost_model, callbacks)
                 task_secs.append(time.monotonic() - t0)
                 report.tasks_tuned += 1
+                if outcome.get("stopped"):
+                    report.tasks_stopped_early += 1
+                    report.trials_saved += trials - outcome["measured"]
                 # The records are on disk already; this marks the task complete for a rerun. A
                 # search that ran out of new candidates early is complete too.
                 plan.meta["trials"][task.key] = trials_per_task
@@ -637,13 +701,14 @@ def _run_task(
     ctx: ms.TuneContext,
     weight: int,
     trials: int,
+    batch: int,
     builder: ms.builder.Builder,
     runner: ms.runner.Runner,
     db: ms.database.Database,
     cost_model: ms.cost_model.CostModel,
     callbacks: list[ms.measure_callback.MeasureCallback],
 ) -> None:
-    """Give one task ``trials`` more measurements; records go to ``db`` as they are measured."""
+    """Give one task up to ``trials`` more measurements, ``batch`` at a time; records go to ``db`` as measured."""
     # One task per scheduler run: the order and the budget stay ours, and a task's records are
     # complete when it returns.
     scheduler = ms.task_scheduler.TaskScheduler.create("round-robin")
@@ -652,7 +717,7 @@ def _run_task(
         task_weights=[float(weight)],
         max_trials_global=trials,
         max_trials_per_task=trials,
-        num_trials_per_iter=min(trials, 64),
+        num_trials_per_iter=batch,
         builder=builder,
         runner=runner,
         measure_callbacks=callbacks,
@@ -674,6 +739,7 @@ def tune(
     first_trials: int = 2,
     names: Sequence[str] | None = None,
     progress: bool = True,
+    patience: int | None = 16,
 ) -> TuneReport:
     """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
 
@@ -681,6 +747,7 @@ def tune(
     first (an untuned CPU kernel has no parallel loop at all, so coverage pays most), then up to
     ``trials`` for the costliest with the time left. Both passes resume from the database, so an
     interrupted run loses nothing; the database is compacted to the best record per workload.
+    A task stops early once ``patience`` trials brought no gain (see ``tune_modules``).
     """
     from .compiler import as_tenants
     from .passes import LowerKernels
@@ -691,14 +758,22 @@ def tune(
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
-    report, trials_run = None, 0
+    report, trials_run, stopped, saved = None, 0, 0, 0
     for pass_trials, share in ((min(first_trials, trials), 0.65), (trials, 1.0)):
         left = None if time_budget is None else max(0.0, time_budget * share - (time.monotonic() - start))
         report = tune_modules(
-            mods, tgt, work_dir, trials_per_task=pass_trials, time_budget_s=left, names=names, progress=progress
+            mods,
+            tgt,
+            work_dir,
+            trials_per_task=pass_trials,
+            time_budget_s=left,
+            names=names,
+            progress=progress,
+            patience=patience,
         )
         trials_run += report.trials_run
+        stopped, saved = stopped + report.tasks_stopped_early, saved + report.trials_saved
     compact_database(work_dir)
-    report.trials_run = trials_run
+    report.trials_run, report.tasks_stopped_early, report.trials_saved = trials_run, stopped, saved
     report.seconds = time.monotonic() - start
     return report
