@@ -38,9 +38,8 @@ def main() -> int:
             log=lambda m: print(m, file=sys.stderr),
         )
         print(f"== mix {mix}: {'database ' + str(database) if database else 'UNTUNED kernels'}")
-        print(result.header)
-        print(result.table)
-        print()
+        print(result.report())
+        print(flush=True)
     return 0
 
 

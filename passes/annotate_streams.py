@@ -171,7 +171,10 @@ class ApplySchedule:
             if attrs is None or CALL_KERNEL not in attrs:
                 raise CoschedError("ApplySchedule needs a module annotated by AnnotateStreams", hint="run it first")
             by_kernel[int(attrs[CALL_KERNEL])] = n
-        if sorted(by_kernel) != sorted(k.id for k in self.schedule.kernels):
+        # Ids alone would accept a schedule made for other kernels (e.g. before retuning), so names count too.
+        want = {k.id: k.func for k in self.schedule.kernels}
+        have = {i: str(n.binding.value.args[0].name_hint) for i, n in by_kernel.items()}
+        if want != have:
             raise CoschedError("the schedule's kernels do not match the module's", hint="search on this module")
         nodes = [by_kernel[k.id] for k in self.schedule.kernels]
         threads = [s.threads for s in self.schedule.streams]

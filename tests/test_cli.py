@@ -50,6 +50,9 @@ def test_bench_prints_every_contender_with_ratios(model_files, capsys):
     ):
         assert name in out
     assert "machine :" in out and "versions:" in out and "1.00" in out
+    # Each model alone against ONNX Runtime, and the headline ratios.
+    assert "TVM/ORT" in out and "best cosched schedule" in out
+    assert sum(line.startswith(("left ", "right ")) for line in out.splitlines()) == 2
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):

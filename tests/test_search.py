@@ -4,19 +4,18 @@ import numpy as np
 import pytest
 
 import cosched
+from cosched.compare import compare
+from cosched.errors import CoschedError
 from cosched.models import tiny_cnn
 from cosched.schedule import Schedule
-from cosched.search import CostModel, spearman, thread_splits
+from cosched.search import CostModel, load_searched, spearman, thread_splits
 from tests.conftest import make_inputs
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
+def searched(tmp_path_factory, search_models):
     work = tmp_path_factory.mktemp("search")
-    tenants = [
-        cosched.load_onnx(tiny_cnn(n, seed=i, width=w, size=s), name=n)
-        for i, (n, w, s) in enumerate([("a", 16, 32), ("b", 24, 24), ("c", 8, 40)])
-    ]
+    tenants = [cosched.load_onnx(m, name=n) for n, m in search_models.items()]
     bundle = cosched.compile(
         tenants,
         schedule="search",
@@ -30,6 +29,14 @@ def searched(tmp_path_factory):
         },
     )
     return bundle, tenants, work
+
+
+@pytest.fixture(scope="module")
+def search_models():
+    return {
+        n: tiny_cnn(n, seed=i, width=w, size=s)
+        for i, (n, w, s) in enumerate([("a", 16, 32), ("b", 24, 24), ("c", 8, 40)])
+    }
 
 
 def test_search_returns_a_valid_schedule_never_slower_than_sequential(searched):
@@ -73,3 +80,32 @@ def test_thread_splits_share_or_split_the_whole_budget():
     assert thread_splits(4, 2) == [[4, 4], [1, 3], [2, 2], [3, 1]]
     assert thread_splits(2, 3) == [[2, 2, 2], [1, 1, 1]]
     assert all(sum(s) == 6 and min(s) >= 1 for s in thread_splits(6, 3)[1:])
+
+
+def test_stored_search_reloads_and_refuses_other_kernels(searched):
+    bundle, tenants, work = searched
+    again = load_searched(cosched.compile(tenants), work)
+    assert again.schedule.to_dict() == bundle.schedule.to_dict()
+    inputs = make_inputs(tenants, seed=4)
+    for tenant, outs in bundle.run(inputs).items():
+        for a, b in zip(outs, again.run(inputs)[tenant], strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(CoschedError, match="tenants"):
+        load_searched(cosched.compile(tenants[:2]), work)
+    with pytest.raises(CoschedError, match="cores"):
+        load_searched(cosched.compile(tenants, cores=bundle.schedule.cores + 1), work)
+    # Same tenants and count, other kernels (a retuned or changed model): the names give it away.
+    other = [cosched.load_onnx(tiny_cnn(t.name, seed=9, width=4, size=16), name=t.name) for t in tenants]
+    with pytest.raises(CoschedError, match="other kernels"):
+        load_searched(cosched.compile(other), work)
+
+
+def test_compare_runs_the_stored_searched_schedule(searched, search_models):
+    _, _, work = searched
+    result = compare(search_models, searched=work, repeat=2, warmup=1, log=lambda _m: None)
+    names = [r.name for r in result.results]
+    assert "cosched-search" in names and "ort-seq" in names
+    assert [m.name for m in result.per_model] == list(search_models)
+    assert all(m.ratio > 0 for m in result.per_model)
+    report = result.report()
+    assert "TVM/ORT" in report and "cosched-search over best fixed" in report and "best cosched schedule" in report

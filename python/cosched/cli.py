@@ -29,21 +29,24 @@ def _bench(args: argparse.Namespace) -> int:
         num_streams=args.streams,
         repeat=args.repeat,
     )
-    print(result.header)
-    print(result.table)
+    print(result.report())
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"header": result.header, "table": result.table, "results": json.loads(_results_json(result))}, indent=1
-            )
-        )
+        from dataclasses import asdict
+
+        from . import bench
+
+        per_model = [
+            {"model": m.name, "tvm": asdict(m.tvm), "ort": asdict(m.ort), "tvm_over_ort": m.ratio}
+            for m in result.per_model
+        ]
+        data = {
+            "header": result.header,
+            "report": result.report(),
+            "results": json.loads(bench.to_json(result.results, result.baseline)),
+            "per_model": per_model,
+        }
+        Path(args.json).write_text(json.dumps(data, indent=1))
     return 0
-
-
-def _results_json(result) -> str:
-    from . import bench
-
-    return bench.to_json(result.results, result.baseline)
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -165,15 +168,14 @@ def demo(out: Path, threads: int | None = None, repeat: int = 10) -> int:
             err = float(np.max(np.abs(got.reshape(ref.shape) - ref)))
             print(f"  {tenant.name:<14} equal to the VM (rtol 1e-5); max |diff| to ORT {err:.2e} (rtol 1e-4): OK")
 
-    print("\n" + result.header)
-    print(result.table)
+    print("\n" + result.report())
     trace = bundle.profile(inputs)
     png = trace.plot(
         out / "gantt.png",
         title=f"cosched breadth_first on {bundle.schedule.num_streams} streams: {', '.join(DEMO_MIX)}",
     )
     chrome = trace.save_chrome(out / "trace.json")
-    (out / "bench.txt").write_text(result.header + "\n" + result.table + "\n")
+    (out / "bench.txt").write_text(result.report() + "\n")
     print(f"\nwrote {png} (Gantt chart), {chrome} (open in ui.perfetto.dev) and {out / 'bench.txt'}")
     return 0
 

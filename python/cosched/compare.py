@@ -15,6 +15,7 @@ from .compiler import compile as compile_bundle
 from .compiler import reschedule
 from .errors import CoschedError
 from .models import LIGHT_MODELS, light_model
+from .search import load_searched
 from .target import as_target, host_cpu
 from .tenant import Tenant, load_onnx
 
@@ -64,6 +65,20 @@ def make_inputs(tenants: Sequence[Tenant], seed: int = 0) -> dict[str, dict[str,
 
 
 @dataclass
+class ModelTiming:
+    """One model alone: tuned TVM (Relax VM) against ONNX Runtime at the same thread count."""
+
+    name: str
+    tvm: bench.Result
+    ort: bench.Result
+
+    @property
+    def ratio(self) -> float:
+        """TVM time over ONNX Runtime time (<= 1: TVM is as fast or faster)."""
+        return self.tvm.median_ms / self.ort.median_ms
+
+
+@dataclass
 class Comparison:
     """Everything one comparison run produced."""
 
@@ -72,6 +87,54 @@ class Comparison:
     table: str
     bundles: dict[str, object] = field(default_factory=dict)
     baseline: str = "relax-vm-seq"
+    per_model: list[ModelTiming] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        """Header, the bundle table, each model alone and the headline ratios, as printed by ``cosched bench``."""
+        parts = [self.header, self.table, self.per_model_table(), self.summary()]
+        return "\n\n".join(p for p in parts if p)
+
+    def per_model_table(self) -> str:
+        """Each model alone: TVM vs ONNX Runtime medians and their ratio."""
+        if not self.per_model:
+            return ""
+        width = max(len("model"), *(len(m.name) for m in self.per_model))
+        head = f"{'model':<{width}}  {'TVM ms':>9}  {'ORT ms':>9}  {'TVM/ORT (<=1: TVM as fast)':>26}"
+        rows = [head, "-" * len(head)]
+        for m in self.per_model:
+            rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26.2f}")
+        rows.append(f"each model alone, {self.per_model[0].tvm.repeat} runs each, round-robin")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        """The bundle's headline ratios: the best cosched schedule against each way users run models today."""
+        by = {r.name: r.median_ms for r in self.results}
+        mine = {k: v for k, v in by.items() if k.startswith("cosched-")}
+        if not mine:
+            return ""
+        best = min(mine, key=mine.get)
+        fixed = {k: v for k, v in mine.items() if k != "cosched-search"}
+        peers = {
+            "cosched-sequential": "sequential (cosched, one stream)",
+            "relax-vm-seq": "TVM one model after another",
+            "relax-vm-concurrent": "naive concurrency (a thread per model)",
+            "ort-seq": "ONNX Runtime sequential",
+            "ort-concurrent": "ONNX Runtime concurrent",
+        }
+        lines = [f"best cosched schedule: {best} ({by[best]:.2f} ms); speedup (>1: {best} faster) over"]
+        lines += [f"  {text:<40} {by[k] / by[best]:.2f}x" for k, text in peers.items() if k in by]
+        if "cosched-search" in by and fixed:
+            top = min(fixed, key=fixed.get)
+            lines.append(f"  cosched-search over best fixed ({top}): {fixed[top] / by['cosched-search']:.2f}x")
+            if "cosched-sequential" in by:
+                lines.append(
+                    f"  cosched-search over sequential: {by['cosched-sequential'] / by['cosched-search']:.2f}x"
+                )
+        orts = [by[k] for k in ("ort-seq", "ort-concurrent") if k in by]
+        if orts:
+            lines.append(f"  best of ONNX Runtime sequential/concurrent: {min(orts) / by[best]:.2f}x")
+        return "\n".join(lines + self.notes)
 
 
 def cosched_contender(name: str, bundle, inputs) -> bench.Contender:
@@ -94,25 +157,55 @@ def compare(
     repeat: int = 10,
     warmup: int = 2,
     with_ort: bool = True,
+    per_model: bool = True,
+    searched: str | Path | None = None,
     log=print,
 ) -> Comparison:
-    """Build every contender, check they agree, time them alternating, and tabulate ratios to the VM."""
+    """Build every contender, check they agree, time them alternating, and tabulate ratios to the VM.
+
+    ``searched``: a directory with a stored searched schedule (default: ``<database>/search``); when
+    it fits these kernels it runs as ``cosched-search``. ``per_model`` also times each model alone on
+    TVM and on ONNX Runtime (needs ``with_ort``).
+    """
     threads = threads or os.cpu_count() or 1
     target = as_target(None)
     tenants = [load_onnx(m, name=n) for n, m in models.items()]
     inputs = make_inputs(tenants)
     log(f"compiling {len(tenants)} tenants for {target} ({'tuned: ' + str(database) if database else 'untuned'})")
+    exes = {t.name: bench.compile_tenant(t, target, database) for t in tenants}
     contenders = [
-        bench.relax_vm_sequential(tenants, inputs, target, threads, database),
-        bench.relax_vm_concurrent(tenants, inputs, target, threads, database),
+        bench.relax_vm_sequential(tenants, inputs, target, threads, executables=exes),
+        bench.relax_vm_concurrent(tenants, inputs, target, threads, executables=exes),
     ]
     first = compile_bundle(tenants, target, strategies[0], num_streams, database, cores=threads)
     bundles = {strategies[0]: first}
     for strategy in strategies[1:]:
         bundles[strategy] = reschedule(first, strategy, num_streams, cores=threads)
+    notes = []
+    if searched is None and database is not None:
+        searched = Path(database) / "search"
+    if searched is not None and (Path(searched) / "searched_schedule.json").is_file():
+        try:
+            bundles["search"] = load_searched(first, searched)
+        except CoschedError as err:
+            notes.append(f"note: the stored searched schedule was not used: {err}")
     contenders += [cosched_contender(f"cosched-{s}", b, inputs) for s, b in bundles.items()]
     if with_ort:
         contenders += [bench.ort_sequential(models, inputs, threads), bench.ort_concurrent(models, inputs, threads)]
+    alone: list[tuple[bench.Contender, bench.Contender]] = []
+    if per_model and with_ort:
+        for t in tenants:
+            own = {t.name: inputs[t.name]}
+            alone.append(
+                (
+                    bench.relax_vm_sequential(
+                        [t], own, target, threads, executables=exes, measure_memory=False, name=f"tvm:{t.name}"
+                    ),
+                    bench.ort_sequential(
+                        {t.name: models[t.name]}, own, threads, measure_memory=False, name=f"ort:{t.name}"
+                    ),
+                )
+            )
     try:
         reference = contenders[0].run_once()
         for c in contenders[1:]:
@@ -128,8 +221,13 @@ def compare(
                         )
         log(f"outputs agree across {len(contenders)} contenders; timing {repeat} alternating rounds")
         results = bench.measure(contenders, repeat=repeat, warmup=warmup)
+        timings = []
+        if alone:
+            log(f"timing each model alone: {repeat} alternating rounds")
+            flat = bench.measure([c for pair in alone for c in pair], repeat=repeat, warmup=warmup)
+            timings = [ModelTiming(t.name, flat[2 * i], flat[2 * i + 1]) for i, t in enumerate(tenants)]
     finally:
-        for c in contenders:
+        for c in contenders + [c for pair in alone for c in pair]:
             if c.close is not None:
                 c.close()
     head = (
@@ -138,4 +236,4 @@ def compare(
         + ", ".join(f"{s}={b.schedule.num_streams}" for s, b in bundles.items())
     )
     table = bench.format_table(results, "relax-vm-seq")
-    return Comparison(header=head, results=results, table=table, bundles=bundles)
+    return Comparison(header=head, results=results, table=table, bundles=bundles, per_model=timings, notes=notes)

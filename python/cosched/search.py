@@ -427,18 +427,64 @@ def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **o
     With ``work_dir``, the cost model (``cost_model.json``) is kept there across runs and the winning
     schedule is stored as ``searched_schedule.json``.
     """
+    if inputs is None:
+        inputs = bundle.random_inputs()
+    model_path = Path(work_dir) / "cost_model.json" if work_dir else None
+    report = search(bundle, inputs, model_path=model_path, **options)
+    result = _applied(bundle, report.best.schedule)
+    if work_dir:
+        result.schedule.save(Path(work_dir) / "searched_schedule.json")
+    return result, report
+
+
+def _applied(bundle, schedule: Schedule):
+    """The bundle's kernels under ``schedule``, written into its IR (so the IR shows what runs)."""
     from dataclasses import replace
 
     from cosched.passes import ApplySchedule
 
     from .extract import extract_schedule
 
-    if inputs is None:
-        inputs = bundle.random_inputs()
-    model_path = Path(work_dir) / "cost_model.json" if work_dir else None
-    report = search(bundle, inputs, model_path=model_path, **options)
-    mod = ApplySchedule(report.best.schedule)(bundle.ir)
-    schedule, params = extract_schedule(mod)
-    if work_dir:
-        schedule.save(Path(work_dir) / "searched_schedule.json")
-    return replace(bundle.artifact, schedule=schedule, params=params, ir=mod).load(), report
+    mod = ApplySchedule(schedule)(bundle.ir)
+    extracted, params = extract_schedule(mod)
+    return replace(bundle.artifact, schedule=extracted, params=params, ir=mod).load()
+
+
+def load_searched(bundle, work_dir: str | Path):
+    """The compiled bundle under the schedule a search stored in ``work_dir``, without searching again.
+
+    Raises ``CoschedError`` when there is none, or when it was searched for other kernels or another
+    core budget (search again then).
+    """
+    path = Path(work_dir) / "searched_schedule.json"
+    if not path.is_file():
+        raise CoschedError(f"no searched schedule in {work_dir}", hint="run cosched tune --schedule first")
+    if bundle.ir is None:
+        raise CoschedError("a stored schedule applies to a compiled bundle (with IR)", hint="use cosched.compile")
+    stored = Schedule.load(path)
+    names = [t.name for t in bundle.schedule.tenants]
+    if [t.name for t in stored.tenants] != names:
+        raise CoschedError(
+            f"{path} was searched for tenants {[t.name for t in stored.tenants]}, this bundle has {names}",
+            hint="search again for these tenants",
+        )
+    if stored.cores != bundle.schedule.cores:
+        raise CoschedError(
+            f"{path} was searched for {stored.cores} cores, this bundle has {bundle.schedule.cores}",
+            hint="search again with this core budget",
+        )
+    if _signature(stored) != _signature(bundle.schedule):
+        raise CoschedError(
+            f"{path} was searched for other kernels (the models or their tuning changed)",
+            hint="search again: cosched tune --schedule",
+        )
+    return _applied(bundle, stored)
+
+
+def _signature(schedule: Schedule) -> dict[int, tuple]:
+    """What a schedule must agree on to apply to a module: each kernel's function and argument shapes."""
+    buffers = {b.id: b for b in schedule.buffers}
+    return {
+        k.id: (k.func, k.tenant, tuple((tuple(buffers[a].shape), buffers[a].dtype) for a in k.args))
+        for k in schedule.kernels
+    }
