@@ -15,7 +15,7 @@ setup(
         "cosched.runtime": "runtime",
     },
     packages=["cosched", "cosched.passes", "cosched.runtime"],
-    package_data={"cosched.runtime": ["src/*.cc"]},
+    package_data={"cosched.runtime": ["src/*.cc", "src/*.h"]},
     install_requires=[
         "apache-tvm==0.27.0.post1",
         # 0.1.15.x segfaults in JSON serialization, which every MetaSchedule run needs.

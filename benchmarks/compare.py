@@ -3,7 +3,8 @@
     python benchmarks/compare.py --mix demo --threads 2 --repeat 10 > benchmarks/results/cpu-demo.txt
 
 Each mix uses the MetaSchedule database shipped for this CPU under databases/<cpu>/<mix> when one
-exists, and says so in its header.
+exists, and says so in its header; a schedule stored there by benchmarks/search_mix.py runs as
+cosched-search.
 """
 
 import argparse
@@ -12,13 +13,7 @@ import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-from cosched.compare import compare, load_models, shipped_database
-
-MIXES = {
-    "demo": ("squeezenet", "shufflenet", "inception_v1"),
-    "resnet_squeeze": ("resnet50", "squeezenet"),
-    "dense_incv2_alex": ("densenet121", "inception_v2", "bvlc_alexnet"),
-}
+from cosched.compare import MIXES, compare, load_models, shipped_database
 
 
 def main() -> int:

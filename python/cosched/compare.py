@@ -21,6 +21,12 @@ from .tenant import Tenant, load_onnx
 
 REPO_DATABASES = Path(__file__).resolve().parents[2] / "databases"
 DEFAULT_STRATEGIES = ("sequential", "round_robin", "breadth_first")
+MIXES = {
+    "demo": ("squeezenet", "shufflenet", "inception_v1"),
+    "resnet_squeeze": ("resnet50", "squeezenet"),
+    "dense_incv2_alex": ("densenet121", "inception_v2", "bvlc_alexnet"),
+}
+"""The benchmark mixes, by the name of their shipped database folder."""
 
 
 def load_models(specs: Sequence[str], seed: int = 0) -> dict[str, onnx.ModelProto]:
