@@ -8,7 +8,7 @@ from cosched.compare import compare
 from cosched.errors import CoschedError
 from cosched.models import tiny_cnn
 from cosched.schedule import Schedule
-from cosched.search import CostModel, load_searched, spearman, thread_splits
+from cosched.search import NUM_FEATURES, CostModel, features, load_searched, profile_kernels, spearman, thread_splits
 from tests.conftest import make_inputs
 
 
@@ -109,3 +109,14 @@ def test_compare_runs_the_stored_searched_schedule(searched, search_models):
     assert all(m.ratio > 0 for m in result.per_model)
     report = result.report()
     assert "TVM/ORT" in report and "cosched-search over best fixed" in report and "best cosched schedule" in report
+
+
+def test_profile_measures_kernels_alone_and_in_a_group(searched):
+    bundle, tenants, _ = searched
+    profile = profile_kernels(bundle, make_inputs(tenants), repeat=1)
+    ids = {k.id for k in bundle.schedule.kernels}
+    assert set(profile.one) == set(profile.full) == ids
+    if bundle.schedule.cores >= 2:
+        assert set(profile.shared) == ids
+    assert all(1.0 <= profile.slowdown(k) <= 4.0 for k in ids)
+    assert features(bundle.schedule, profile).shape == (NUM_FEATURES,)

@@ -2,8 +2,9 @@
 
 Candidates are edits of the schedule IR (issue order, stream of each kernel, number of streams, core
 split per stream) over the *same* compiled kernels, so trying one costs a measurement, not a build.
-Kernels are profiled alone at one thread and at the full budget; a simulator replays a candidate on
-those profiles, and its results plus structural counts are the features. The model learns the
+Kernels are profiled alone at one thread and at the full budget, and in a group (every tenant on its
+own stream, all running together) for the slowdown co-running kernels cause each other; a simulator
+replays a candidate on those profiles, and its results plus structural counts are the features. The model learns the
 measured latency (relative to the sequential schedule, measured in the same alternating batch, which
 cancels machine drift) and ranks candidates; only the top few are measured. The best *measured*
 schedule wins, and the sequential schedule is always among the measured ones, so the result is
@@ -25,17 +26,25 @@ import numpy as np
 from .errors import CoschedError
 from .schedule import Schedule, Stream, assign_waits
 
-NUM_FEATURES = 20
+NUM_FEATURES = 21
 MAX_STREAMS = 4
 
 
 @dataclass
 class KernelProfile:
-    """Latency (us) of each kernel alone, at one thread and at the whole core budget, and its bytes."""
+    """Latency (us) of each kernel alone, at one thread and at the whole core budget, and its bytes;
+    ``shared``: at one thread while the other tenants' kernels run on their own streams."""
 
     one: dict[int, float]
     full: dict[int, float]
     nbytes: dict[int, int]
+    shared: dict[int, float] = field(default_factory=dict)
+
+    def slowdown(self, kernel: int) -> float:
+        """How much co-running tenants slow this kernel down (memory bandwidth, caches); 1 if unprofiled."""
+        if kernel not in self.shared or self.one.get(kernel, 0.0) <= 0.0:
+            return 1.0
+        return float(np.clip(self.shared[kernel] / self.one[kernel], 1.0, 4.0))
 
     def latency(self, kernel: int, threads: int, cores: int) -> float:
         if threads >= cores or cores <= 1:
@@ -174,7 +183,8 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
     spans = []
     for k in schedule.kernels:  # issue order is a valid simulation order
         start = max([free[k.stream]] + [finish[w] for w in k.waits])
-        dur = profile.latency(k.id, threads[k.stream], cores) * (oversub if len(threads) > 1 else 1.0)
+        alone = profile.latency(k.id, threads[k.stream], cores)
+        dur = alone * oversub * profile.slowdown(k.id) if len(threads) > 1 else alone
         finish[k.id] = start + dur
         free[k.stream] = finish[k.id]
         spans.append((start, finish[k.id], profile.nbytes[k.id] / max(dur, 1e-3)))
@@ -193,7 +203,18 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
         active += delta
         demand += delta * bw
         last = t
-    return {"makespan": makespan, "busy": busy, "overlap": overlap, "overlap_bw": overlap_bw}
+    # The interference the pair/group profile predicts for this schedule, weighted by kernel time.
+    multi = len(threads) > 1
+    weights = [profile.latency(k.id, threads[k.stream], cores) for k in schedule.kernels]
+    slow = [profile.slowdown(k.id) if multi else 1.0 for k in schedule.kernels]
+    interference = float(np.average(slow, weights=weights)) if sum(weights) > 0 else 1.0
+    return {
+        "makespan": makespan,
+        "busy": busy,
+        "overlap": overlap,
+        "overlap_bw": overlap_bw,
+        "interference": interference,
+    }
 
 
 def features(schedule: Schedule, profile: KernelProfile) -> np.ndarray:
@@ -220,6 +241,7 @@ def features(schedule: Schedule, profile: KernelProfile) -> np.ndarray:
         max(busy, default=0.0),
         min(busy, default=0.0),
         len(schedule.kernels) / 100.0,
+        sim["interference"],
     ]
     return np.asarray(vec, dtype=np.float64)
 
@@ -235,8 +257,10 @@ class CostModel:
         self.booster = None
         if self.path and self.path.exists():
             data = json.loads(self.path.read_text())
-            self.x, self.y = data["x"], data["y"]
-            self.fit()
+            # Samples with another feature set (an older cosched) cannot train this model: start afresh.
+            if data.get("num_features") == NUM_FEATURES:
+                self.x, self.y = data["x"], data["y"]
+                self.fit()
 
     def add(self, x: np.ndarray, y: float) -> None:
         self.x.append([float(v) for v in x])
@@ -280,12 +304,21 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 
 # -- measuring ----------------------------------------------------------------------------------------
 def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
-    """Each kernel's latency alone (sequential order, one stream) at one thread and at the full budget."""
+    """Each kernel's latency alone (sequential order, one stream) at one thread and at the full budget,
+    and in a group: at one thread with every tenant on its own stream, all running together."""
     base = bundle.schedule
     issue = [k.id for k in base.kernels]
-    result = {}
-    for label, threads in (("one", 1), ("full", base.cores)):
-        sched = rebuild(base, issue, {k: 0 for k in issue}, [threads], "profile")
+    tenant_stream = {t.name: i for i, t in enumerate(base.tenants)}
+    layouts = {
+        "one": ({k: 0 for k in issue}, [1]),
+        "full": ({k: 0 for k in issue}, [base.cores]),
+        "shared": ({k.id: tenant_stream[k.tenant] for k in base.kernels}, [1] * len(base.tenants)),
+    }
+    if len(base.tenants) < 2 or base.cores < 2:
+        del layouts["shared"]  # nothing runs beside a kernel: no interference to measure
+    result = {"shared": {}}
+    for label, (stream_of, threads) in layouts.items():
+        sched = rebuild(base, issue, stream_of, threads, "profile")
         b = bundle.with_schedule(sched, bundle.params())
         runs = [b.profile(inputs, warmup=1 if r == 0 else 0) for r in range(repeat)]
         result[label] = {
@@ -293,7 +326,7 @@ def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
             for i, e in enumerate(runs[0].events)
         }
     nbytes = {k.id: sum(base.buffers[b].nbytes for b in k.args) for k in base.kernels}
-    return KernelProfile(result["one"], result["full"], nbytes)
+    return KernelProfile(result["one"], result["full"], nbytes, result["shared"])
 
 
 def measure(bundle, schedules: list[Schedule], inputs, repeat: int = 5, settle_s: float = 0.1) -> list[float]:
