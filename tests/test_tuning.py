@@ -250,3 +250,55 @@ def test_early_stop_ends_stale_tasks(mods, tmp_path):
     # A stopped task is complete: the rerun spends nothing on it.
     again = tuning.tune_modules(mods, TARGET, tmp_path, trials_per_task=4, names=NAMES, progress=False)
     assert again.tasks_tuned == 0 and again.trials_run == 0
+
+
+def two_conv_model() -> onnx.ModelProto:
+    """Two 3x3 conv+relu of different widths: one operator family, two workloads."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype("float32"), "w1"),
+        numpy_helper.from_array(rng.standard_normal((12, 8, 3, 3)).astype("float32"), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "twoconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 16, 16])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_nearest_tiling_keeps_fitting_factors_and_refits_others():
+    assert tuning.nearest_tiling(64, [1, 4, 8, 2]) == [1, 4, 8, 2]
+    tiles = tuning.nearest_tiling(48, [1, 4, 8, 2])
+    assert np.prod(tiles) == 48 and len(tiles) == 4 and tiles[-1] == 2
+    assert tuning.nearest_tiling(12, [2, 16], max_innermost=4)[-1] <= 4
+
+
+def test_transfer_seeds_a_new_workload_from_its_family(tmp_path):
+    from cosched.passes import LowerKernels
+
+    tenant = load_onnx(two_conv_model(), name="t")
+    mod = LowerKernels(TARGET)(tenant.mod)
+    tasks = tuning.extract_tasks([mod], TARGET, ["t"])
+    assert len({tuning.family(t) for t in tasks if "conv" in t.name}) == 1
+    report = tuning.tune_modules([mod], TARGET, tmp_path, trials_per_task=2, names=["t"], progress=False, transfer=True)
+    # The second conv workload measured its relative's best schedule, refitted, as one of its trials.
+    assert report.trials_transferred >= 1
+    assert report.trials_run == 2 * report.tasks_tuned
+    # Transferred schedules are correct schedules: the tuned module computes what the untuned one does.
+    x = np.random.default_rng(1).standard_normal((1, 4, 16, 16)).astype("float32")
+    outs = [
+        relax.VirtualMachine(tvm.compile(LowerKernels(TARGET, db)(tenant.mod), TARGET), tvm.cpu())["main"](
+            tvm.runtime.tensor(x)
+        ).numpy()
+        for db in (None, tmp_path)
+    ]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)

@@ -105,11 +105,13 @@ def _tune(args: argparse.Namespace) -> int:
         trials=args.trials,
         time_budget=None if args.budget is None else args.budget * 60,
         patience=args.patience or None,
+        transfer=args.transfer,
     )
     print(
         f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
         f"{report.trials_run} trials in {report.seconds / 60:.1f} min; {report.tasks_stopped_early} stopped early "
-        f"({report.trials_saved} trials saved); {report.tasks_left} not reached; "
+        f"({report.trials_saved} trials saved); {report.trials_transferred} trials on schedules transferred "
+        f"from same-family workloads; {report.tasks_left} not reached; "
         f"database in {args.work_dir}"
     )
     if args.schedule:
@@ -222,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help="time budget in minutes")
     p.add_argument(
         "--patience", type=int, default=16, help="stop a task after this many trials without a 2%% gain (0: never)"
+    )
+    p.add_argument(
+        "--transfer",
+        action="store_true",
+        help="seed new workloads with refitted schedules of tuned same-family ones (experimental: slower so far)",
     )
     p.add_argument("--schedule", action="store_true", help="then search the co-schedule (learned cost model)")
     p.set_defaults(func=_tune)
