@@ -15,7 +15,7 @@ from .compiler import compile as compile_bundle
 from .compiler import reschedule
 from .errors import CoschedError
 from .models import LIGHT_MODELS, light_model
-from .search import load_searched
+from .search import SEARCHED_SCHEDULE, load_searched
 from .target import as_target, host_cpu
 from .tenant import Tenant, load_onnx
 
@@ -190,7 +190,7 @@ def compare(
     notes = []
     if searched is None and database is not None:
         searched = Path(database) / "search"
-    if searched is not None and (Path(searched) / "searched_schedule.json").is_file():
+    if searched is not None and (Path(searched) / SEARCHED_SCHEDULE).is_file():
         try:
             bundles["search"] = load_searched(first, searched)
         except CoschedError as err:
@@ -198,20 +198,18 @@ def compare(
     contenders += [cosched_contender(f"cosched-{s}", b, inputs) for s, b in bundles.items()]
     if with_ort:
         contenders += [bench.ort_sequential(models, inputs, threads), bench.ort_concurrent(models, inputs, threads)]
-    alone: list[tuple[bench.Contender, bench.Contender]] = []
+    alone: list[bench.Contender] = []  # per tenant: TVM, then ONNX Runtime
     if per_model and with_ort:
         for t in tenants:
             own = {t.name: inputs[t.name]}
-            alone.append(
-                (
-                    bench.relax_vm_sequential(
-                        [t], own, target, threads, executables=exes, measure_memory=False, name=f"tvm:{t.name}"
-                    ),
-                    bench.ort_sequential(
-                        {t.name: models[t.name]}, own, threads, measure_memory=False, name=f"ort:{t.name}"
-                    ),
-                )
-            )
+            alone += [
+                bench.relax_vm_sequential(
+                    [t], own, target, threads, executables=exes, measure_memory=False, name=f"tvm:{t.name}"
+                ),
+                bench.ort_sequential(
+                    {t.name: models[t.name]}, own, threads, measure_memory=False, name=f"ort:{t.name}"
+                ),
+            ]
     try:
         reference = contenders[0].run_once()
         for c in contenders[1:]:
@@ -230,10 +228,10 @@ def compare(
         timings = []
         if alone:
             log(f"timing each model alone: {repeat} alternating rounds")
-            flat = bench.measure([c for pair in alone for c in pair], repeat=repeat, warmup=warmup)
+            flat = bench.measure(alone, repeat=repeat, warmup=warmup)
             timings = [ModelTiming(t.name, flat[2 * i], flat[2 * i + 1]) for i, t in enumerate(tenants)]
     finally:
-        for c in contenders + [c for pair in alone for c in pair]:
+        for c in contenders + alone:
             if c.close is not None:
                 c.close()
     head = (

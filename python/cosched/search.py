@@ -28,6 +28,8 @@ from .schedule import Schedule, Stream, assign_waits
 
 NUM_FEATURES = 21
 MAX_STREAMS = 4
+SEARCHED_SCHEDULE = "searched_schedule.json"
+"""The file in a search's ``work_dir`` that holds the winning schedule."""
 
 
 @dataclass
@@ -476,7 +478,7 @@ def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **o
     report = search(bundle, inputs, model_path=model_path, **options)
     result = _applied(bundle, report.best.schedule)
     if work_dir:
-        result.schedule.save(Path(work_dir) / "searched_schedule.json")
+        result.schedule.save(Path(work_dir) / SEARCHED_SCHEDULE)
     return result, report
 
 
@@ -497,7 +499,7 @@ def load_searched(bundle, work_dir: str | Path):
     Raises ``CoschedError`` when there is none, or when it was searched for other kernels or another
     core budget (search again then).
     """
-    path = Path(work_dir) / "searched_schedule.json"
+    path = Path(work_dir) / SEARCHED_SCHEDULE
     if not path.is_file():
         raise CoschedError(f"no searched schedule in {work_dir}", hint="run cosched tune --schedule first")
     if bundle.ir is None:

@@ -755,7 +755,8 @@ def _tune_plan(
                 if _out_of_budget(start, time_budget_s, task_secs) or report.tasks_tuned == max_tasks:
                     report.tasks_left = len(plan.todo) - i
                     break
-                bar.start_task(task, _best_us(plan.db, task))
+                best = _best_us(plan.db, task)
+                bar.start_task(task, best)
                 t0 = time.monotonic()
                 trials = trials_per_task - plan.done[task.key]
                 strategy, batch, outcome = _search_strategy(trials), min(trials, 64), {}
@@ -763,7 +764,6 @@ def _tune_plan(
                 donors = plan.donors(task, max(1, trials // 2)) if plan.done[task.key] == 0 else []
                 early = plan.patience is not None and plan.patience < trials
                 if early or donors:
-                    best = _best_us(plan.db, task)
                     strategy = _Guided(strategy, plan.patience if early else None, plan.min_gain, best, outcome, donors)
                     batch = max(1, plan.patience // 2) if early else batch
                 ctx = ms.TuneContext(
@@ -861,7 +861,7 @@ def tune(
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
-    report, trials_run, stopped, saved, transferred = None, 0, 0, 0, 0
+    reports = []
     for pass_trials, share in ((min(first_trials, trials), 0.65), (trials, 1.0)):
         left = None if time_budget is None else max(0.0, time_budget * share - (time.monotonic() - start))
         report = tune_modules(
@@ -875,11 +875,10 @@ def tune(
             patience=patience,
             transfer=transfer,
         )
-        trials_run += report.trials_run
-        stopped, saved = stopped + report.tasks_stopped_early, saved + report.trials_saved
-        transferred += report.trials_transferred
+        reports.append(report)
     compact_database(work_dir)
-    report.trials_run, report.tasks_stopped_early, report.trials_saved = trials_run, stopped, saved
-    report.trials_transferred = transferred
+    # The last pass's report describes the database; what was spent adds up over both passes.
+    for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred"):
+        setattr(report, name, sum(getattr(r, name) for r in reports))
     report.seconds = time.monotonic() - start
     return report
