@@ -34,10 +34,8 @@ def mix(request):
         "ort-seq": bench.ort_sequential(models, inputs, THREADS),
         "ort-concurrent": bench.ort_concurrent(models, inputs, THREADS),
     }
-    yield request.param, contenders
-    for c in contenders.values():
-        if c.close is not None:
-            c.close()
+    with bench.closing(contenders.values()):
+        yield request.param, contenders
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
 """Time to quality: bundle latency against tuning minutes, for one mix.
 
-    python benchmarks/time_to_quality.py --models resnet50 squeezenet --chunk 4 --minutes 24 \
+    python benchmarks/time_to_quality.py --models resnet50 squeezenet --chunk 3 --minutes 15 \
         --work-dir databases/znver4/resnet_squeeze > benchmarks/results/ttq-resnet_squeeze.txt
 
 Tuning is resumable, so it runs in chunks of ``--chunk`` minutes (first 2 trials per task, costliest
-first, then 8 for the costliest) and the database is copied after each chunk. Afterwards the bundle
+first, then 8, then 32 for the costliest) and the database is copied after each chunk. Afterwards the bundle
 is compiled with every snapshot (kernels without a record stay untuned) and timed, alternating with
 ONNX Runtime on the same inputs; the last snapshot is left compacted in ``--work-dir``.
 """
@@ -27,6 +27,10 @@ from cosched.target import host_target
 from cosched.tuning import compact_database, tune_modules
 
 
+STEPS = (2, 8, 32)
+"""Trials per task, raised once every task has the current number."""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", required=True)
@@ -42,7 +46,7 @@ def main() -> int:
     snapshots = Path(tempfile.mkdtemp(prefix="ttq-"))
     start = time.monotonic()
     points = []  # (minutes, snapshot dir)
-    trials = 2
+    trials = STEPS[0]
     while (elapsed := time.monotonic() - start) < args.minutes * 60:
         budget = min(args.chunk * 60, args.minutes * 60 - elapsed)
         report = tune_modules(
@@ -55,9 +59,9 @@ def main() -> int:
             progress=False,
         )
         if report.tasks_left == 0 and report.tasks_tuned == 0:
-            if trials == 8:
+            if trials == STEPS[-1]:
                 break
-            trials = 8  # every task covered: spend the rest on the costliest
+            trials = STEPS[STEPS.index(trials) + 1]  # every task has these: more for the costliest
             continue
         snap = snapshots / f"{len(points)}"
         shutil.copytree(args.work_dir, snap)
@@ -80,8 +84,8 @@ def main() -> int:
         contenders[f"{minutes:5.1f} min ({tasks} tasks)"] = bundle
     timed = [bench.Contender(name, lambda b=b: b.run(inputs)) for name, b in contenders.items()]
     timed.append(bench.Contender("onnxruntime", ort.run))
-    results = bench.measure(timed, repeat=args.repeat, warmup=1, settle_s=0.0)
-    ort.close()
+    with bench.closing([ort]):
+        results = bench.measure(timed, repeat=args.repeat, warmup=1, settle_s=0.0)
     print(bench.header(threads, target))
     print(f"mix: {', '.join(models)}; cosched default schedule; {args.repeat} alternating runs, medians")
     ort_ms = results[-1].median_ms

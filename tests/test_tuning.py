@@ -252,6 +252,21 @@ def test_early_stop_ends_stale_tasks(mods, tmp_path):
     assert again.tasks_tuned == 0 and again.trials_run == 0
 
 
+def test_search_size_sets_the_population_per_batch(mods, tmp_path, monkeypatch):
+    size = tuning.SearchSize(per_trial=16, generations=1, min_population=32, max_population=512)
+    assert [size.strategy(n).population_size for n in (1, 4, 64)] == [32, 64, 512]
+    assert size.strategy(4).genetic_num_iters == 1
+    assert tuning.PREVIOUS_SEARCH_SIZE.strategy(2).population_size == 128
+    # tune_modules sizes each task's search with the size it is given, for the batch it measures.
+    asked = []
+    strategy = tuning.SearchSize.strategy
+    monkeypatch.setattr(tuning.SearchSize, "strategy", lambda self, n: asked.append((self, n)) or strategy(self, n))
+    small = tuning.SearchSize(per_trial=4, min_population=8)
+    report = tuning.tune_modules(mods, TARGET, tmp_path, trials_per_task=2, names=NAMES, progress=False, search=small)
+    assert report.trials_run == 4
+    assert asked == [(small, 2), (small, 2)]
+
+
 def two_conv_model() -> onnx.ModelProto:
     """Two 3x3 conv+relu of different widths: one operator family, two workloads."""
     rng = np.random.default_rng(5)

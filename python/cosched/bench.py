@@ -24,6 +24,7 @@ on the caller's thread, for two reasons measured on TVM 0.27:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -599,6 +600,17 @@ def ort_concurrent(
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def closing(contenders: Iterable[Contender]) -> Iterator[None]:
+    """Close every contender (worker threads, sessions) when the block ends, also on an error."""
+    try:
+        yield
+    finally:
+        for c in contenders:
+            if c.close is not None:
+                c.close()
 
 
 def measure(

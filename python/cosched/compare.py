@@ -210,7 +210,7 @@ def compare(
                     {t.name: models[t.name]}, own, threads, measure_memory=False, name=f"ort:{t.name}"
                 ),
             ]
-    try:
+    with bench.closing(contenders + alone):
         reference = contenders[0].run_once()
         for c in contenders[1:]:
             got = c.run_once()
@@ -230,10 +230,6 @@ def compare(
             log(f"timing each model alone: {repeat} alternating rounds")
             flat = bench.measure(alone, repeat=repeat, warmup=warmup)
             timings = [ModelTiming(t.name, flat[2 * i], flat[2 * i + 1]) for i, t in enumerate(tenants)]
-    finally:
-        for c in contenders + alone:
-            if c.close is not None:
-                c.close()
     head = (
         bench.header(threads, target)
         + f"\nmodels  : {', '.join(models)}; streams: "

@@ -548,11 +548,37 @@ def _num_cores(target: tvm.target.Target) -> int:
     return int(cores) if cores else max(1, os.cpu_count() or 1)
 
 
-def _search_strategy(trials: int) -> ms.search_strategy.EvolutionarySearch:
-    # The default population (512) is sized for hundreds of trials; for a handful a smaller one
-    # finds as good a pick at a fraction of the search time, which dominates on a 2-core host.
-    population = max(64, min(512, 64 * trials))
-    return ms.search_strategy.EvolutionarySearch(population_size=population)
+@dataclass(frozen=True)
+class SearchSize:
+    """How many schedules the evolutionary search samples and evolves to pick the ones it measures.
+
+    MetaSchedule's defaults (512 schedules, 4 generations) are sized for hundreds of trials per
+    task. For a handful, sampling and post-processing those schedules is most of a task's time on a
+    2-core host (3.4 s of 4.2 s per SqueezeNet task at 2 trials), while the cost model that ranks
+    them has seen too little to tell them apart; a population of 16 per trial and one generation
+    tune 3-4x the tasks per minute.
+    """
+
+    per_trial: int = 16
+    """Population per trial measured in a batch."""
+    generations: int = 1
+    """Rounds of mutation under the cost model after the initial sample."""
+    min_population: int = 32
+    max_population: int = 512
+
+    def strategy(self, trials: int) -> ms.search_strategy.EvolutionarySearch:
+        """The search for a batch of ``trials`` measurements."""
+        population = max(self.min_population, min(self.max_population, self.per_trial * trials))
+        return ms.search_strategy.EvolutionarySearch(
+            population_size=population,
+            genetic_num_iters=self.generations,
+            # Unmeasured samples wanted in the initial population: never more than it holds.
+            init_min_unmeasured=min(50, population),
+        )
+
+
+PREVIOUS_SEARCH_SIZE = SearchSize(per_trial=64, generations=4, min_population=64)
+"""The sizes cosched used before ``SearchSize`` (kept for A/B runs against it)."""
 
 
 def _prepare_work_dir(path: Path, target: tvm.target.Target) -> dict:
@@ -621,6 +647,7 @@ def tune_modules(
     patience: int | None = 16,
     min_gain: float = 0.02,
     transfer: bool = False,
+    search: SearchSize = SearchSize(),
 ) -> TuneReport:
     """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
 
@@ -635,7 +662,7 @@ def tune_modules(
     trials' worth of tuned workloads of the same family (the same fused operators at other shapes),
     replayed with tile sizes refitted to its loops; the search then starts from whatever measured
     best. Off by default: on SqueezeNet at 4 trials per task the bundle came out 0.78x as fast as
-    without (``benchmarks/transfer_ab.py``).
+    without (``benchmarks/tuning_ab.py --arms sized transfer``).
 
     Early stop: a task whose last ``patience`` trials did not improve its best latency (including
     records from earlier runs) by ``min_gain`` ends there and counts as complete; its search then
@@ -645,6 +672,8 @@ def tune_modules(
     already has its trials (counted from the records and ``cosched_target.json``) is skipped, one
     with fewer gets only the rest; so a second call with more ``trials_per_task`` refines. A
     directory tuned for another target is refused.
+
+    ``search`` sizes the evolutionary search that picks each batch of candidates (``SearchSize``).
 
     Candidates are measured in a subprocess with the TVM runtime's default thread count (half
     the cores unless ``TVM_NUM_THREADS`` says otherwise), i.e. as the kernels run by default.
@@ -664,7 +693,7 @@ def tune_modules(
     families: dict[str, list[TaskInfo]] = {}
     for t in tasks if transfer else []:
         families.setdefault(family(t), []).append(t)
-    plan = _Plan(path, meta, db, done, todo, patience, min_gain, families)
+    plan = _Plan(path, meta, db, done, todo, patience, min_gain, search, families)
     report = TuneReport(
         tasks_total=sum(len(t.users) for t in tasks),
         tasks_deduped=len(tasks),
@@ -709,6 +738,7 @@ class _Plan:
     """Tasks still short of trials, costliest first."""
     patience: int | None
     min_gain: float
+    search: SearchSize
     families: dict[str, list[TaskInfo]] = field(default_factory=dict)
     """All tasks by :func:`family`, for transfer; empty: no transfer."""
 
@@ -759,13 +789,13 @@ def _tune_plan(
                 bar.start_task(task, best)
                 t0 = time.monotonic()
                 trials = trials_per_task - plan.done[task.key]
-                strategy, batch, outcome = _search_strategy(trials), min(trials, 64), {}
+                early = plan.patience is not None and plan.patience < trials
+                batch = max(1, plan.patience // 2) if early else min(trials, 64)
+                strategy, outcome = plan.search.strategy(batch), {}
                 # A workload new to the database starts from its tuned relatives' best schedules.
                 donors = plan.donors(task, max(1, trials // 2)) if plan.done[task.key] == 0 else []
-                early = plan.patience is not None and plan.patience < trials
                 if early or donors:
                     strategy = _Guided(strategy, plan.patience if early else None, plan.min_gain, best, outcome, donors)
-                    batch = max(1, plan.patience // 2) if early else batch
                 ctx = ms.TuneContext(
                     mod=task.mod,
                     target=target,
@@ -828,7 +858,15 @@ def _run_task(
     )
 
 
-__all__ = ["TaskInfo", "TuneReport", "check_database", "compact_database", "extract_tasks", "tune_modules"]
+__all__ = [
+    "SearchSize",
+    "TaskInfo",
+    "TuneReport",
+    "check_database",
+    "compact_database",
+    "extract_tasks",
+    "tune_modules",
+]
 
 
 def tune(
@@ -843,6 +881,7 @@ def tune(
     progress: bool = True,
     patience: int | None = 16,
     transfer: bool = False,
+    search: SearchSize = SearchSize(),
 ) -> TuneReport:
     """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
 
@@ -874,6 +913,7 @@ def tune(
             progress=progress,
             patience=patience,
             transfer=transfer,
+            search=search,
         )
         reports.append(report)
     compact_database(work_dir)
