@@ -26,7 +26,6 @@ from cosched.passes import LowerKernels
 from cosched.target import host_target
 from cosched.tuning import compact_database, tune_modules
 
-
 STEPS = (2, 8, 32)
 """Trials per task, raised once every task has the current number."""
 
