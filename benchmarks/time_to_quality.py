@@ -88,9 +88,10 @@ def main() -> int:
     print(bench.header(threads, target))
     print(f"mix: {', '.join(models)}; cosched default schedule; {args.repeat} alternating runs, medians")
     ort_ms = results[-1].median_ms
-    print(f"{'tuning time':<24} {'bundle ms':>10} {'vs ORT seq':>11}")
+    print(f"{'tuning time':<24} {'bundle ms':>10} {'p25-p75 ms':>18} {'vs ORT seq':>11}")
     for r in results:
-        print(f"{r.name:<24} {r.median_ms:>10.2f} {r.median_ms / ort_ms:>10.2f}x")
+        spread = f"{r.p25:.2f}-{r.p75:.2f}"
+        print(f"{r.name:<24} {r.median_ms:>10.2f} {spread:>18} {r.median_ms / ort_ms:>10.2f}x")
     shutil.rmtree(snapshots, ignore_errors=True)
     return 0
 

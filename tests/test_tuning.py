@@ -267,6 +267,13 @@ def test_search_size_sets_the_population_per_batch(mods, tmp_path, monkeypatch):
     assert asked == [(small, 2), (small, 2)]
 
 
+def test_trial_ladder_covers_every_workload_before_going_deeper():
+    assert tuning.trial_ladder(2, 32) == [2, 8, 32]
+    assert tuning.trial_ladder(2, 8) == [2, 8]
+    assert tuning.trial_ladder(2, 20) == [2, 8, 20]
+    assert tuning.trial_ladder(2, 2) == [2] and tuning.trial_ladder(2, 1) == [1]
+
+
 def two_conv_model() -> onnx.ModelProto:
     """Two 3x3 conv+relu of different widths: one operator family, two workloads."""
     rng = np.random.default_rng(5)

@@ -220,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="tune the kernels of a bundle with MetaSchedule into a database")
     p.add_argument("models", nargs="+", help=models_help)
     p.add_argument("--work-dir", required=True)
-    p.add_argument("--trials", type=int, default=8, help="trials per task (the costliest tasks; others get 2)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=8,
+        help="trials per task: 2 for every task first, then 4x as many, up to this, costliest first",
+    )
     p.add_argument("--budget", type=float, default=None, help="time budget in minutes")
     p.add_argument(
         "--patience", type=int, default=16, help="stop a task after this many trials without a 2%% gain (0: never)"

@@ -869,6 +869,14 @@ __all__ = [
 ]
 
 
+def trial_ladder(first: int, trials: int) -> list[int]:
+    """Trials per workload of each pass of ``tune``: ``first``, four times as many, ..., ``trials``."""
+    steps = [max(1, min(first, trials))]
+    while steps[-1] * 4 < trials:
+        steps.append(steps[-1] * 4)
+    return steps if steps[-1] == trials else [*steps, trials]
+
+
 def tune(
     tenants,
     target: tvm.target.Target | str | dict | None = None,
@@ -885,9 +893,10 @@ def tune(
 ) -> TuneReport:
     """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
 
-    Two passes within ``time_budget`` seconds: ``first_trials`` for every distinct workload, costliest
-    first (an untuned CPU kernel has no parallel loop at all, so coverage pays most), then up to
-    ``trials`` for the costliest with the time left. Both passes resume from the database, so an
+    Passes within ``time_budget`` seconds: ``first_trials`` for every distinct workload, costliest
+    first (an untuned CPU kernel has no parallel loop at all, so coverage pays most), then four
+    times as many for every workload, costliest first, and so on up to ``trials`` (``trial_ladder``).
+    The first pass stops at 65% of the budget, so some is always left for the costliest. Both passes resume from the database, so an
     interrupted run loses nothing; the database is compacted to the best record per workload.
     A task stops early once ``patience`` trials brought no gain (see ``tune_modules``).
     """
@@ -901,7 +910,8 @@ def tune(
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
     reports = []
-    for pass_trials, share in ((min(first_trials, trials), 0.65), (trials, 1.0)):
+    for i, pass_trials in enumerate(trial_ladder(first_trials, trials)):
+        share = 0.65 if i == 0 else 1.0
         left = None if time_budget is None else max(0.0, time_budget * share - (time.monotonic() - start))
         report = tune_modules(
             mods,
