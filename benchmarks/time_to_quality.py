@@ -84,7 +84,7 @@ def main() -> int:
     timed = [bench.Contender(name, lambda b=b: b.run(inputs)) for name, b in contenders.items()]
     timed.append(bench.Contender("onnxruntime", ort.run))
     with bench.closing([ort]):
-        results = bench.measure(timed, repeat=args.repeat, warmup=1, settle_s=0.0)
+        results = bench.measure(timed, repeat=args.repeat, warmup=1)
     print(bench.header(threads, target))
     print(f"mix: {', '.join(models)}; cosched default schedule; {args.repeat} alternating runs, medians")
     ort_ms = results[-1].median_ms

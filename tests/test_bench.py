@@ -1,5 +1,6 @@
 """Fast tests of the benchmark core: baselines agree, timing alternates, tables are complete."""
 
+import itertools
 import os
 
 # Must be in the environment before TVM creates any thread pool (i.e. before importing tvm is the
@@ -114,19 +115,22 @@ class _Recorder:
         return bench.Contender(name, lambda: self.calls.append(name), memory_bytes=None, close=None)
 
 
-def test_measure_alternates_round_robin():
+def test_measure_alternates_in_shuffled_rounds():
     rec = _Recorder()
-    names = ["a", "b", "c"]
-    results = bench.measure([rec.contender(n) for n in names], repeat=4, warmup=2, settle_s=0)
-    assert len(rec.calls) == 3 * 6
-    rounds = [rec.calls[i : i + 3] for i in range(0, len(rec.calls), 3)]
-    for k, r in enumerate(rounds):
-        assert sorted(r) == names  # every contender once per round, never two runs of one in a row
-        assert r[0] == names[k % 3]  # the contender opening a round rotates
-    assert [r.repeat for r in results] == [4, 4, 4]
+    names = ["a", "b", "c", "d"]
+    results = bench.measure([rec.contender(n) for n in names], repeat=10, warmup=2, settle_s=0)
+    assert len(rec.calls) == 4 * 12
+    rounds = [rec.calls[i : i + 4] for i in range(0, len(rec.calls), 4)]
+    assert all(sorted(r) == names for r in rounds)  # every contender once per round
+    pairs = list(itertools.pairwise(rec.calls))
+    assert all(a != b for a, b in pairs)  # never two runs of one in a row
+    # Neighbours change: each contender follows at least two different others over the rounds.
+    before = {n: {a for a, b in pairs if b == n} for n in names}
+    assert all(len(prev) >= 2 for prev in before.values()), before
+    assert [r.repeat for r in results] == [10] * 4
 
     rec = _Recorder()
-    bench.measure([rec.contender(n) for n in names], repeat=2, warmup=0, rotate=False, settle_s=0)
+    bench.measure([rec.contender(n) for n in names], repeat=2, warmup=0, shuffle=False, settle_s=0)
     assert rec.calls == names * 2
 
 

@@ -3,7 +3,7 @@
 A *contender* is one way of running the same set of models on the same inputs: the Relax VM one
 model after another, one VM per model in concurrent threads, ONNX Runtime either way, or a cosched
 bundle (built elsewhere, it only has to fill in a :class:`Contender`). :func:`measure` times all
-contenders round-robin so that slow drift of the machine (thermal state, a neighbour's job) hits
+contenders in alternating rounds so that slow drift of the machine (thermal state, a neighbour's job) hits
 every contender alike, and reports medians with their spread.
 
 Threads. Every contender runs its work on *persistent* worker threads owned by this module, never
@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -619,15 +620,18 @@ def measure(
     warmup: int = 3,
     *,
     number: int = 1,
-    rotate: bool = True,
+    shuffle: bool = True,
     settle_s: float = 0.25,
+    seed: int = 0,
 ) -> list[Result]:
-    """Time every contender ``repeat`` times, round-robin.
+    """Time every contender ``repeat`` times, alternating: one run of each per round.
 
     Each round runs every contender once (``number`` back-to-back runs, averaged into one sample),
     so drift of the machine spreads over all contenders instead of biasing whichever ran last.
-    With ``rotate`` the contender that opens a round moves by one each round, so no contender
-    always follows the same neighbour. Before each run the machine is left idle for ``settle_s``:
+    With ``shuffle`` every round runs them in a new (seeded) random order, so no contender always
+    follows the same neighbour: a contender's leftovers (a spinning pool, evicted caches) would
+    otherwise slow the same other contender every round, a bias no number of rounds averages out.
+    (Rotating the opener keeps the cyclic order, and with it the neighbours.) Before each run the machine is left idle for ``settle_s``:
     thread pools busy-wait after a run, and measured here a TVM pool worker burns a core for about
     200 ms after the last parallel kernel (``TVM_THREAD_POOL_SPIN_COUNT``), an ONNX Runtime
     intra-op pool about 50 ms, which would slow down whichever contender runs next. (Spinning
@@ -643,11 +647,15 @@ def measure(
     if len(set(names)) != len(names):
         raise CoschedError(f"contender names repeat: {names}", hint="give every contender its own name")
     samples: list[list[float]] = [[] for _ in contenders]
-    count = len(contenders)
+    rng = random.Random(seed)
+    order = list(range(len(contenders)))
     for round_ in range(warmup + repeat):
-        start = round_ % count if rotate else 0
-        for k in range(count):
-            i = (start + k) % count
+        if shuffle:
+            last = order[-1]
+            rng.shuffle(order)
+            if len(order) > 1 and order[0] == last:  # never one contender twice in a row
+                order[0], order[-1] = order[-1], order[0]
+        for i in order:
             if settle_s > 0:
                 time.sleep(settle_s)
             run = contenders[i].run
@@ -771,7 +779,9 @@ def format_table(results: Sequence[Result], baseline_name: str) -> str:
         rows.append(
             f"{r.name:<{width}}  {r.median_ms:>10.2f}  {spread:>17}  {r.min_ms:>9.2f}  {speedup:>30.2f}  {memory:>11}"
         )
-    rows.append(f"baseline: {baseline_name}; {results[0].repeat if results else 0} runs each, round-robin")
+    rows.append(
+        f"baseline: {baseline_name}; {results[0].repeat if results else 0} runs each, alternated in shuffled rounds"
+    )
     for s in sources:
         rows.append(f"{marks[s]} {_MEMORY_NOTES.get(s, s)}")
     return "\n".join(rows)

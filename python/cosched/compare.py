@@ -110,7 +110,7 @@ class Comparison:
         rows = [head, "-" * len(head)]
         for m in self.per_model:
             rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26.2f}")
-        rows.append(f"each model alone, {self.per_model[0].tvm.repeat} runs each, round-robin")
+        rows.append(f"each model alone, {self.per_model[0].tvm.repeat} runs each, alternated in shuffled rounds")
         return "\n".join(rows)
 
     def summary(self) -> str:

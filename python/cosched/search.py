@@ -331,14 +331,15 @@ def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
     return KernelProfile(result["one"], result["full"], nbytes, result["shared"])
 
 
-def measure(bundle, schedules: list[Schedule], inputs, repeat: int = 5, settle_s: float = 0.1) -> list[float]:
+def measure(bundle, schedules: list[Schedule], inputs, repeat: int = 5, settle_s: float = 0.3) -> list[float]:
     """Median latency (ms) of each schedule, runs alternated across schedules."""
     from . import bench
 
     bundles = [bundle.with_schedule(s) for s in schedules]
     contenders = [bench.Contender(name=str(i), run=lambda b=b: b.run(inputs)) for i, b in enumerate(bundles)]
-    # One warm-up round starts workers and workspaces. The settle pause stays: each schedule has its
-    # own workers, and the previous one's spinning thread pool would slow whichever runs next.
+    # One warm-up round starts workers and workspaces. Each schedule has its own workers, and the
+    # previous one's thread pools spin ~200 ms after a run: six copies of one schedule measured
+    # 1.25-1.40x apart with a 0.1 s pause, 1.07-1.12x with 0.3 s (benchmarks/search_noise.py).
     return [r.median_ms for r in bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s)]
 
 
