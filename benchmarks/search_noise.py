@@ -31,10 +31,7 @@ def main() -> int:
     inputs = make_inputs(tenants)
     threads = os.cpu_count() or 1
     bundle = cosched.compile(tenants, database=shipped_database(args.mix), cores=threads)
-    base = bundle.schedule
-    sequential = search.rebuild(
-        base, [k.id for k in search._sequential_order(base)], {k.id: 0 for k in base.kernels}, [threads], "sequential"
-    )
+    sequential = search.sequential_schedule(bundle.schedule)
     print(bench.header(threads, host_target()) + f"\nmodels  : {', '.join(models)}")
     print(f"{args.copies} copies of the sequential schedule, {args.repeat} alternating runs each, medians in ms")
     for settle in args.settle:

@@ -388,14 +388,7 @@ def search(
     log = log or (lambda _msg: None)
     profile = profile_kernels(bundle, inputs)
     model = CostModel(model_path)
-    cores = bundle.schedule.cores
-    sequential = rebuild(
-        bundle.schedule,
-        [k.id for k in _sequential_order(bundle.schedule)],
-        {k.id: 0 for k in bundle.schedule.kernels},
-        [cores],
-        "sequential/1 stream",
-    )
+    sequential = sequential_schedule(bundle.schedule)
     pool = seeds(bundle)
     for c in pool:
         c.features = features(c.schedule, profile)
@@ -460,6 +453,12 @@ def search(
         rank_correlation=rho,
         seconds=time.time() - start,
     )
+
+
+def sequential_schedule(schedule: Schedule) -> Schedule:
+    """The reference every candidate is measured against: tenants one after another, one stream, all cores."""
+    issue = [k.id for k in _sequential_order(schedule)]
+    return rebuild(schedule, issue, {k.id: 0 for k in schedule.kernels}, [schedule.cores], "sequential/1 stream")
 
 
 def _sequential_order(schedule: Schedule):
