@@ -24,10 +24,10 @@ from cosched import bench
 from cosched.compare import load_models, make_inputs
 from cosched.passes import LowerKernels
 from cosched.target import host_target
-from cosched.tuning import compact_database, tune_modules
+from cosched.tuning import compact_database, trial_ladder, tune_modules
 
-STEPS = (2, 8, 32)
-"""Trials per task, raised once every task has the current number."""
+STEPS = trial_ladder(2, 32)
+"""Trials per task as ``cosched.tune`` climbs them, raised once every task has the current number."""
 
 
 def main() -> int:

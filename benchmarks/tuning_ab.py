@@ -6,8 +6,8 @@
 
 Arms: ``sized`` (cosched's defaults), ``previous`` (the search sizes cosched used before
 ``SearchSize``), ``transfer`` (defaults plus record transfer). With ``--minutes`` every arm gets the
-same time budget through ``cosched.tune`` (2 trials per workload, then ``--trials`` for the
-costliest); without, every arm gets ``--trials`` per workload. Same seed; the databases go to
+same time budget through ``cosched.tune`` (its ladder: 2 trials per workload, then 8, ... up to
+``--trials``, costliest first); without, every arm gets ``--trials`` per workload. Same seed; the databases go to
 temporary folders. Bundles alternate in one process (medians), next to ONNX Runtime one model after
 another on the same inputs.
 """

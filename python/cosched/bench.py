@@ -3,8 +3,8 @@
 A *contender* is one way of running the same set of models on the same inputs: the Relax VM one
 model after another, one VM per model in concurrent threads, ONNX Runtime either way, or a cosched
 bundle (built elsewhere, it only has to fill in a :class:`Contender`). :func:`measure` times all
-contenders in alternating rounds so that slow drift of the machine (thermal state, a neighbour's job) hits
-every contender alike, and reports medians with their spread.
+contenders in alternating rounds so that slow drift of the machine (thermal state, a neighbour's
+job) hits every contender alike, and reports medians with their spread.
 
 Threads. Every contender runs its work on *persistent* worker threads owned by this module, never
 on the caller's thread, for two reasons measured on TVM 0.27:
@@ -631,8 +631,8 @@ def measure(
     With ``shuffle`` every round runs them in a new (seeded) random order, so no contender always
     follows the same neighbour: a contender's leftovers (a spinning pool, evicted caches) would
     otherwise slow the same other contender every round, a bias no number of rounds averages out.
-    (Rotating the opener keeps the cyclic order, and with it the neighbours.) Before each run the machine is left idle for ``settle_s``:
-    thread pools busy-wait after a run, and measured here a TVM pool worker burns a core for about
+    (Rotating the opener keeps the cyclic order, and with it the neighbours.) Before each run the
+    machine is left idle for ``settle_s``: thread pools busy-wait after a run, and measured here a TVM pool worker burns a core for about
     200 ms after the last parallel kernel (``TVM_THREAD_POOL_SPIN_COUNT``), an ONNX Runtime
     intra-op pool about 50 ms, which would slow down whichever contender runs next. (Spinning
     *within* a contender, e.g. one session's pool while the next session runs, is that

@@ -865,6 +865,8 @@ __all__ = [
     "check_database",
     "compact_database",
     "extract_tasks",
+    "trial_ladder",
+    "tune",
     "tune_modules",
 ]
 
@@ -896,8 +898,9 @@ def tune(
     Passes within ``time_budget`` seconds: ``first_trials`` for every distinct workload, costliest
     first (an untuned CPU kernel has no parallel loop at all, so coverage pays most), then four
     times as many for every workload, costliest first, and so on up to ``trials`` (``trial_ladder``).
-    The first pass stops at 65% of the budget, so some is always left for the costliest. Both passes resume from the database, so an
-    interrupted run loses nothing; the database is compacted to the best record per workload.
+    The first pass stops at 65% of the budget, so some is always left for the costliest. Every pass
+    resumes from the database, so an interrupted run loses nothing; the database is compacted to the
+    best record per workload.
     A task stops early once ``patience`` trials brought no gain (see ``tune_modules``).
     """
     from .compiler import as_tenants
@@ -927,7 +930,7 @@ def tune(
         )
         reports.append(report)
     compact_database(work_dir)
-    # The last pass's report describes the database; what was spent adds up over both passes.
+    # The last pass's report describes the database; what was spent adds up over the passes.
     for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred"):
         setattr(report, name, sum(getattr(r, name) for r in reports))
     report.seconds = time.monotonic() - start
