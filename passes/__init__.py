@@ -12,6 +12,7 @@ from .annotate_streams import POLICIES, AnnotateStreams, ApplySchedule
 from .interleave_operators import STRATEGIES, InterleaveOperators
 from .lower_kernels import LowerKernels
 from .merge_tenants import MergeTenants, stack_tenants
+from .simplify_inference import SimplifyInference
 
 __all__ = [
     "POLICIES",
@@ -21,5 +22,6 @@ __all__ = [
     "InterleaveOperators",
     "LowerKernels",
     "MergeTenants",
+    "SimplifyInference",
     "stack_tenants",
 ]

@@ -156,6 +156,22 @@ def test_compact_keeps_best_and_done(tuned, mods, tmp_path):
     assert again.best_us == pytest.approx(report.best_us)
 
 
+def test_compact_keep_drops_other_workloads(tuned, mods, tmp_path):
+    work_dir, report = tuned
+    copy = tmp_path / "db"
+    shutil.copytree(work_dir, copy)
+    tasks = tuning.extract_tasks(mods, TARGET, NAMES)
+    shared = [t for t in tasks if len(t.users) == 2]
+    assert tuning.compact_database(copy, keep=shared) == 1
+    assert len((copy / tuning.WORKLOAD_FILE).read_text().splitlines()) == 1
+    meta = json.loads((copy / tuning.META_FILE).read_text())
+    assert list(meta["trials"]) == [shared[0].key]
+    # The kept workload is still done and keeps its best; the dropped one is tuned again.
+    again = tuning.tune_modules(mods, TARGET, copy, trials_per_task=1, names=NAMES, progress=False)
+    assert again.tasks_skipped == 1 and again.tasks_tuned == 1
+    assert again.best_us[shared[0].name] == pytest.approx(report.best_us[shared[0].name])
+
+
 _CHILD = """
 import sys
 sys.path.insert(0, {repo!r})

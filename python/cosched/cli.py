@@ -106,6 +106,7 @@ def _tune(args: argparse.Namespace) -> int:
         time_budget=None if args.budget is None else args.budget * 60,
         patience=args.patience or None,
         transfer=args.transfer,
+        prune=args.prune,
     )
     print(
         f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--transfer",
         action="store_true",
         help="seed new workloads with refitted schedules of tuned same-family ones (experimental: slower so far)",
+    )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="drop records of kernels these models no longer have (e.g. tuned before a TVM or cosched upgrade)",
     )
     p.add_argument("--schedule", action="store_true", help="then search the co-schedule (learned cost model)")
     p.set_defaults(func=_tune)

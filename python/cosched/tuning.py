@@ -290,17 +290,33 @@ def _minify_workload(line: str) -> str:
     return json.dumps([shash, base64.b64encode(struct.pack("<Q", len(text)) + text).decode()])
 
 
-def compact_database(work_dir: str | os.PathLike) -> int:
+def compact_database(work_dir: str | os.PathLike, keep: Sequence[TaskInfo] | None = None) -> int:
     """Keep only the best valid record per workload and unindent the workloads' IR.
 
-    Returns how many records remain. The trial counts in ``cosched_target.json`` are kept, so a
-    later ``tune_modules`` still knows which workloads are done and does not tune them again.
+    With ``keep``, only the records of those tasks' workloads stay: the others belong to kernels
+    the models no longer have (e.g. after a TVM or pass change altered them) and only cost space.
+    Returns how many records remain. The trial counts in ``cosched_target.json`` are kept (for the
+    kept workloads), so a later ``tune_modules`` still knows which are done and does not tune them again.
     """
     path = Path(work_dir)
     db = _open_database(path)
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         pruned = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
-        db.dump_pruned(pruned)
+        if keep is None:
+            db.dump_pruned(pruned)
+        else:
+            for task in keep:
+                top = db.get_top_k(db.commit_workload(task.mod), 1) if db.has_workload(task.mod) else []
+                if top:
+                    best = top[0]
+                    workload = pruned.commit_workload(task.mod)
+                    pruned.commit_tuning_record(
+                        ms.database.TuningRecord(best.trace, workload, best.run_secs, best.target, best.args_info)
+                    )
+            meta = _read_meta(path)
+            keys = {t.key for t in keep}
+            meta["trials"] = {k: n for k, n in meta.get("trials", {}).items() if k in keys}
+            _write_meta(path, meta)
         kept = len(pruned.get_all_tuning_records())
         workloads = (Path(tmp) / WORKLOAD_FILE).read_text().splitlines()
         (Path(tmp) / WORKLOAD_FILE).write_text("".join(_minify_workload(w) + "\n" for w in workloads if w))
@@ -892,6 +908,7 @@ def tune(
     patience: int | None = 16,
     transfer: bool = False,
     search: SearchSize = SearchSize(),
+    prune: bool = False,
 ) -> TuneReport:
     """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
 
@@ -902,6 +919,7 @@ def tune(
     resumes from the database, so an interrupted run loses nothing; the database is compacted to the
     best record per workload.
     A task stops early once ``patience`` trials brought no gain (see ``tune_modules``).
+    ``prune`` drops the records of workloads these tenants do not have (``compact_database``).
     """
     from .compiler import as_tenants
     from .passes import LowerKernels
@@ -929,7 +947,7 @@ def tune(
             search=search,
         )
         reports.append(report)
-    compact_database(work_dir)
+    compact_database(work_dir, keep=extract_tasks(mods, tgt, names) if prune else None)
     # The last pass's report describes the database; what was spent adds up over the passes.
     for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred"):
         setattr(report, name, sum(getattr(r, name) for r in reports))

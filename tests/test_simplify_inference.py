@@ -1,0 +1,80 @@
+"""SimplifyInference: batch norms fold into convolutions, ONNX Sum becomes adds, results unchanged."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+
+from cosched.passes import LowerKernels, SimplifyInference
+from cosched.target import host_target
+from cosched.tenant import load_onnx
+
+
+def conv_bn_sum_model() -> onnx.ModelProto:
+    """Two conv+BN branches summed, then a BN that follows no convolution, then ReLU."""
+    rng = np.random.default_rng(0)
+
+    def const(name, *shape, positive=False):
+        value = rng.uniform(0.5, 1.5, shape) if positive else rng.standard_normal(shape)
+        return numpy_helper.from_array(value.astype("float32"), name)
+
+    inits = [const("w1", 8, 4, 3, 3), const("w2", 8, 4, 1, 1)]
+    nodes = []
+    for i, (conv, pads) in enumerate([("w1", [1, 1, 1, 1]), ("w2", [0, 0, 0, 0])]):
+        inits += [const(f"g{i}", 8), const(f"b{i}", 8), const(f"m{i}", 8), const(f"v{i}", 8, positive=True)]
+        nodes += [
+            helper.make_node("Conv", ["x", conv], [f"c{i}"], pads=pads),
+            helper.make_node("BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"]),
+        ]
+    inits += [const("g2", 8), const("b2", 8), const("m2", 8), const("v2", 8, positive=True)]
+    nodes += [
+        helper.make_node("Sum", ["n0", "n1"], ["s"]),
+        helper.make_node("BatchNormalization", ["s", "g2", "b2", "m2", "v2"], ["t"]),
+        helper.make_node("Relu", ["t"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_bn_sum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def op_counts(mod: tvm.IRModule) -> collections.Counter:
+    counts = collections.Counter()
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            if isinstance(binding.value, relax.Call) and isinstance(binding.value.op, tvm.ir.Op):
+                counts[binding.value.op.name] += 1
+    return counts
+
+
+def test_batch_norms_and_sum_are_gone():
+    before = load_onnx(conv_bn_sum_model(), name="m").mod
+    assert op_counts(before)["relax.nn.batch_norm"] == 3 and op_counts(before)["relax.stack"] == 1
+    after = op_counts(SimplifyInference()(before))
+    assert after["relax.nn.batch_norm"] == after["relax.stack"] == after["relax.sum"] == 0
+    assert after["relax.nn.conv2d"] == 2
+
+
+def test_fewer_kernels_same_result():
+    model = conv_bn_sum_model()
+    tenant = load_onnx(model, name="m")
+    target = host_target()
+    lowered = LowerKernels(target)(tenant.mod)
+    kernels = [f for f in lowered.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    # Five kernels without the pass (two convs, two batch norms, the sum); the BNs fold into the
+    # convs, the sum and the lone BN+ReLU into the second conv's epilogue.
+    assert len(kernels) == 2, [gv.name_hint for gv in lowered.functions]
+    x = np.random.default_rng(1).standard_normal((1, 4, 12, 12)).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(lowered, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x))
+    got = (got[0] if isinstance(got, tvm.ir.Array) else got).numpy()
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
