@@ -172,6 +172,20 @@ def test_compact_keep_drops_other_workloads(tuned, mods, tmp_path):
     assert again.best_us[shared[0].name] == pytest.approx(report.best_us[shared[0].name])
 
 
+def test_measured_time_decides_the_order_once_every_kernel_has_a_record(tuned, mods, tmp_path, monkeypatch):
+    work_dir, _ = tuned
+    copy = tmp_path / "db"
+    shutil.copytree(work_dir, copy)
+    tasks = sorted(tuning.extract_tasks(mods, TARGET, NAMES), key=lambda t: t.cost, reverse=True)
+    # Pretend the kernel with fewer FLOPs measured slower: it must get the next trial.
+    slow = {tasks[0].key: 1.0, tasks[1].key: 1000.0}
+    monkeypatch.setattr(tuning, "_best_us", lambda db, task: slow[task.key])
+    report = tuning.tune_modules(mods, TARGET, copy, trials_per_task=2, names=NAMES, progress=False, max_tasks=1)
+    assert report.tasks_tuned == 1
+    counts = tuning._records_per_workload(tuning._open_database(copy), tasks)
+    assert (counts[tasks[0].key], counts[tasks[1].key]) == (1, 2)
+
+
 _CHILD = """
 import sys
 sys.path.insert(0, {repo!r})

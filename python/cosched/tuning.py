@@ -667,8 +667,10 @@ def tune_modules(
 ) -> TuneReport:
     """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
 
-    Identical workloads across modules are tuned once (``extract_tasks``). Tasks go costliest
-    first (weight x FLOPs), each getting ``trials_per_task`` trials of evolutionary search guided by
+    Identical workloads across modules are tuned once (``extract_tasks``). Workloads without a
+    record go first, costliest (weight x FLOPs) first; then those with one, by their measured time
+    per inference (weight x best latency), so that a deeper pass spends its trials where the bundle
+    spends its time. Each gets ``trials_per_task`` trials of evolutionary search guided by
     MetaSchedule's XGBoost cost model, which is shared by all tasks so later tasks start from what
     earlier ones taught it. A task is not started once ``time_budget_s`` is spent, nor when the
     time it would take (the mean of the tasks so far) would overrun the budget; a task already
@@ -706,6 +708,10 @@ def tune_modules(
     on_disk = _records_per_workload(db, tasks)
     done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
     todo = [t for t in tasks if done[t.key] < trials_per_task]
+    best = {t.key: _best_us(db, t) for t in todo}
+    # FLOPs say little about time once a kernel is tuned (a depthwise conv has few and still takes
+    # long): a measured kernel ranks by the time it takes per inference, after every unmeasured one.
+    todo.sort(key=lambda t: (0, -t.cost) if best[t.key] is None else (1, -t.weight * best[t.key]))
     families: dict[str, list[TaskInfo]] = {}
     for t in tasks if transfer else []:
         families.setdefault(family(t), []).append(t)
