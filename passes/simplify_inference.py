@@ -45,6 +45,9 @@ def SimplifyInference() -> tvm.transform.Pass:  # noqa: N802
         [
             relax.transform.FoldBatchnormToConv2D(),
             relax.transform.DecomposeOpsForInference(),
+            # A decomposed batch norm leaves (y, mean, var)[0]; the tuple would keep y's
+            # producer and consumer in separate kernels.
+            relax.transform.CanonicalizeBindings(),
             _sum_to_add,
             relax.transform.FoldConstant(),
         ],

@@ -5,6 +5,7 @@ import collections
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
@@ -63,15 +64,48 @@ def test_batch_norms_and_sum_are_gone():
     assert after["relax.nn.conv2d"] == 2
 
 
-def test_fewer_kernels_same_result():
-    model = conv_bn_sum_model()
+def concat_bn_scale_model() -> onnx.ModelProto:
+    """Concat -> BN -> Mul -> ReLU, as in DenseNet: a batch norm that no convolution can absorb."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype("float32"), name)
+        for name, shape in [("w", (8, 4, 3, 3)), ("g", (12,)), ("b", (12,)), ("m", (12,)), ("s", (12, 1, 1))]
+    ]
+    inits.append(numpy_helper.from_array(rng.uniform(0.5, 1.5, 12).astype("float32"), "v"))
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["x", "c"], ["k"], axis=1),
+        helper.make_node("BatchNormalization", ["k", "g", "b", "m", "v"], ["n"]),
+        helper.make_node("Mul", ["n", "s"], ["q"]),
+        helper.make_node("Relu", ["q"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "concat_bn_scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 12, 12])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize(
+    ("model", "kernels"),
+    [
+        # Five kernels without the pass (two convs, two batch norms, the sum): the BNs fold into
+        # the convs, the sum and the lone BN+ReLU into the second conv's epilogue.
+        (conv_bn_sum_model, 2),
+        # Three without (conv, concat+BN, Mul+ReLU): the decomposed BN fuses on into Mul+ReLU.
+        (concat_bn_scale_model, 2),
+    ],
+)
+def test_fewer_kernels_same_result(model, kernels):
+    model = model()
     tenant = load_onnx(model, name="m")
     target = host_target()
     lowered = LowerKernels(target)(tenant.mod)
-    kernels = [f for f in lowered.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
-    # Five kernels without the pass (two convs, two batch norms, the sum); the BNs fold into the
-    # convs, the sum and the lone BN+ReLU into the second conv's epilogue.
-    assert len(kernels) == 2, [gv.name_hint for gv in lowered.functions]
+    names = [gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(names) == kernels, names
     x = np.random.default_rng(1).standard_normal((1, 4, 12, 12)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(lowered, target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x))
