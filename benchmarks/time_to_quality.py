@@ -24,7 +24,7 @@ from cosched import bench
 from cosched.compare import load_models, make_inputs
 from cosched.passes import LowerKernels
 from cosched.target import host_target
-from cosched.tuning import compact_database, trial_ladder, tune_modules
+from cosched.tuning import compact_database, open_database, trial_ladder, tune_modules
 
 STEPS = trial_ladder(2, 32)
 """Trials per task as ``cosched.tune`` climbs them, raised once every task has the current number."""
@@ -43,6 +43,8 @@ def main() -> int:
     tenants = [cosched.load_onnx(m, name=n) for n, m in models.items()]
     mods = [LowerKernels(target)(t.mod) for t in tenants]
     snapshots = Path(tempfile.mkdtemp(prefix="ttq-"))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    database = open_database(args.work_dir)  # once: opening replays every record
     start = time.monotonic()
     points = []  # (minutes, snapshot dir)
     trials = STEPS[0]
@@ -56,6 +58,7 @@ def main() -> int:
             time_budget_s=budget,
             names=list(models),
             progress=False,
+            database=database,
         )
         if report.tasks_left == 0 and report.tasks_tuned == 0:
             if trials == STEPS[-1]:
@@ -71,7 +74,7 @@ def main() -> int:
             file=sys.stderr,
             flush=True,
         )
-    compact_database(args.work_dir)
+    compact_database(args.work_dir, database=database)
 
     inputs = make_inputs(tenants)
     threads = os.cpu_count() or 1

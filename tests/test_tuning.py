@@ -182,7 +182,7 @@ def test_measured_time_decides_the_order_once_every_kernel_has_a_record(tuned, m
     monkeypatch.setattr(tuning, "_best_us", lambda db, task: slow[task.key])
     report = tuning.tune_modules(mods, TARGET, copy, trials_per_task=2, names=NAMES, progress=False, max_tasks=1)
     assert report.tasks_tuned == 1
-    counts = tuning._records_per_workload(tuning._open_database(copy), tasks)
+    counts = tuning._records_per_workload(tuning.open_database(copy), tasks)
     assert (counts[tasks[0].key], counts[tasks[1].key]) == (1, 2)
 
 
@@ -302,6 +302,18 @@ def test_trial_ladder_covers_every_workload_before_going_deeper():
     assert tuning.trial_ladder(2, 8) == [2, 8]
     assert tuning.trial_ladder(2, 20) == [2, 8, 20]
     assert tuning.trial_ladder(2, 2) == [2] and tuning.trial_ladder(2, 1) == [1]
+
+
+def test_tune_opens_the_database_once_for_all_passes(tmp_path, monkeypatch):
+    """Opening replays every record, minutes for a big database: per pass, it ate a 20-minute budget's last 7."""
+    opened = []
+    real_open = tuning.open_database
+    monkeypatch.setattr(tuning, "open_database", lambda work_dir: opened.append(work_dir) or real_open(work_dir))
+    tenants = [load_onnx(conv_model(n, i, i == 1), name=n) for i, n in enumerate(NAMES)]
+    report = tuning.tune(tenants, TARGET, tmp_path, trials=2, first_trials=1, progress=False, patience=None)
+    assert report.trials_run == 4  # two passes (1, then 2 trials) over the two workloads
+    assert len(opened) == 1
+    assert sorted(records_by_workload(tmp_path).values()) == [1, 1]  # compacted to the best
 
 
 def two_conv_model() -> onnx.ModelProto:

@@ -246,7 +246,13 @@ def _repair_truncated(path: Path) -> None:
         path.write_bytes(head + b"\n" if head else b"")
 
 
-def _open_database(work_dir: Path) -> ms.database.JSONDatabase:
+def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
+    """The ``JSONDatabase`` in ``work_dir``, a line cut short by a kill dropped first.
+
+    Opening replays every record's trace on its workload: seconds for a compacted database, minutes
+    for thousands of records, so one run should open it once (``tune_modules(database=...)``).
+    """
+    work_dir = Path(work_dir)
     for name in (WORKLOAD_FILE, RECORD_FILE):
         _repair_truncated(work_dir / name)
     return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
@@ -290,16 +296,22 @@ def _minify_workload(line: str) -> str:
     return json.dumps([shash, base64.b64encode(struct.pack("<Q", len(text)) + text).decode()])
 
 
-def compact_database(work_dir: str | os.PathLike, keep: Sequence[TaskInfo] | None = None) -> int:
+def compact_database(
+    work_dir: str | os.PathLike,
+    keep: Sequence[TaskInfo] | None = None,
+    database: ms.database.JSONDatabase | None = None,
+) -> int:
     """Keep only the best valid record per workload and unindent the workloads' IR.
 
     With ``keep``, only the records of those tasks' workloads stay: the others belong to kernels
     the models no longer have (e.g. after a TVM or pass change altered them) and only cost space.
     Returns how many records remain. The trial counts in ``cosched_target.json`` are kept (for the
     kept workloads), so a later ``tune_modules`` still knows which are done and does not tune them again.
+    ``database`` is ``work_dir``'s database if already open; it must not be used afterwards (the
+    files under it are replaced).
     """
     path = Path(work_dir)
-    db = _open_database(path)
+    db = open_database(path) if database is None else database
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         pruned = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
         if keep is None:
@@ -664,6 +676,7 @@ def tune_modules(
     min_gain: float = 0.02,
     transfer: bool = False,
     search: SearchSize = SearchSize(),
+    database: ms.database.JSONDatabase | None = None,
 ) -> TuneReport:
     """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
 
@@ -692,6 +705,8 @@ def tune_modules(
     directory tuned for another target is refused.
 
     ``search`` sizes the evolutionary search that picks each batch of candidates (``SearchSize``).
+    ``database`` is ``work_dir``'s database if already open (``open_database``): opening replays
+    every record, so callers that tune in several calls open it once.
 
     Candidates are measured in a subprocess with the TVM runtime's default thread count (half
     the cores unless ``TVM_NUM_THREADS`` says otherwise), i.e. as the kernels run by default.
@@ -704,7 +719,7 @@ def tune_modules(
     meta = _prepare_work_dir(path, target)
     tasks = extract_tasks(mods, target, names)
     tasks.sort(key=lambda t: t.cost, reverse=True)
-    db = _open_database(path)
+    db = open_database(path) if database is None else database
     on_disk = _records_per_workload(db, tasks)
     done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
     todo = [t for t in tasks if done[t.key] < trials_per_task]
@@ -887,6 +902,7 @@ __all__ = [
     "check_database",
     "compact_database",
     "extract_tasks",
+    "open_database",
     "trial_ladder",
     "tune",
     "tune_modules",
@@ -936,6 +952,9 @@ def tune(
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
+    _prepare_work_dir(Path(work_dir), tgt)  # refuses another target's database before opening it
+    # Opened once for all passes: reopening replays every record (minutes once there are thousands).
+    db = open_database(work_dir)
     reports = []
     for i, pass_trials in enumerate(trial_ladder(first_trials, trials)):
         share = 0.65 if i == 0 else 1.0
@@ -951,9 +970,10 @@ def tune(
             patience=patience,
             transfer=transfer,
             search=search,
+            database=db,
         )
         reports.append(report)
-    compact_database(work_dir, keep=extract_tasks(mods, tgt, names) if prune else None)
+    compact_database(work_dir, keep=extract_tasks(mods, tgt, names) if prune else None, database=db)
     # The last pass's report describes the database; what was spent adds up over the passes.
     for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred"):
         setattr(report, name, sum(getattr(r, name) for r in reports))
