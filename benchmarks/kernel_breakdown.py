@@ -1,0 +1,100 @@
+"""Where each model's time goes, by operator kind: tuned TVM kernels next to ONNX Runtime's operators.
+
+    python benchmarks/kernel_breakdown.py --mix demo > benchmarks/results/breakdown-demo.txt
+
+Each model alone, the mix's shipped database, all cores. TVM: the kernels' times from
+``Bundle.profile`` summed by the fused kernel's name without numbers (``fused_conv2d_add_relu``).
+ONNX Runtime: its profiler's per-node times summed by operator type. Both profiles cost time, so the
+totals are above the plain latencies (printed too, measured alternately); the shares are what matter.
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import tempfile
+
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import onnxruntime as ort
+
+import cosched
+from cosched import bench
+from cosched.compare import MIXES, load_models, make_inputs, shipped_database
+from cosched.target import host_target
+
+
+def tvm_kinds(bundle, inputs, repeat: int) -> dict[str, float]:
+    """Milliseconds per inference by kernel kind."""
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for _ in range(repeat):
+        for event in bundle.profile(inputs).events:
+            kinds[re.sub(r"\d+", "", event.func).removesuffix("_prepacked")] += (event.end_us - event.start_us) / 1e3
+    return {k: v / repeat for k, v in kinds.items()}
+
+
+def ort_kinds(session_bytes: bytes, feed, threads: int, repeat: int) -> dict[str, float]:
+    """Milliseconds per inference by ONNX operator type (ORT's own profiler)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "ort")
+        session = ort.InferenceSession(session_bytes, options, providers=["CPUExecutionProvider"])
+        for _ in range(1 + repeat):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    # The first run is the warm-up: its nodes end before the first model_run event does.
+    first = min((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
+    warm = first["ts"] + first["dur"]
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= warm:
+            kinds[e["args"]["op_name"]] += e["dur"] / 1e3
+    return {k: v / repeat for k, v in kinds.items()}
+
+
+def table(kinds: dict[str, float], top: int) -> list[str]:
+    total = sum(kinds.values())
+    rows = sorted(kinds.items(), key=lambda kv: -kv[1])
+    lines = [f"    {name[:48]:<48} {ms:8.3f} {100 * ms / total:5.1f}%" for name, ms in rows[:top]]
+    rest = sum(ms for _, ms in rows[top:])
+    if rest:
+        lines.append(f"    {f'({len(rows) - top} more kinds)':<48} {rest:8.3f} {100 * rest / total:5.1f}%")
+    return [f"    {'total':<48} {total:8.3f}", *lines]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mix", default="demo", choices=list(MIXES))
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    database = shipped_database(args.mix)
+    threads = os.cpu_count() or 1
+    models = load_models(MIXES[args.mix])
+    print(bench.header(threads, host_target()))
+    print(f"database: {database or 'none (untuned kernels)'}; each model alone; {args.repeat} profiled runs")
+    for name, model in models.items():
+        tenant = cosched.load_onnx(model, name=name)
+        inputs = make_inputs([tenant])
+        bundle = cosched.compile([tenant], database=database, cores=threads)
+        session = bench.ort_sequential({name: model}, inputs, threads, measure_memory=False)
+        with bench.closing([session]):
+            plain = bench.measure(
+                [bench.Contender("tvm", lambda b=bundle, x=inputs: b.run(x)), session], repeat=args.repeat
+            )
+        tvm_ms, ort_ms = (r.median_ms for r in plain)
+        print(f"\n== {name}: latency TVM {tvm_ms:.2f} ms, ORT {ort_ms:.2f} ms (TVM/ORT {tvm_ms / ort_ms:.2f})")
+        print("  TVM kernels (profiled)                              ms/inf share")
+        print("\n".join(table(tvm_kinds(bundle, inputs, args.repeat), args.top)))
+        print("  ONNX Runtime operators (profiled)                   ms/inf share")
+        print("\n".join(table(ort_kinds(model.SerializeToString(), inputs[name], threads, args.repeat), args.top)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
