@@ -15,6 +15,18 @@ from cosched.target import host_target
 from cosched.tenant import load_onnx
 
 
+def x_to_y_model(name: str, nodes, inits, channels: int) -> onnx.ModelProto:
+    """A graph from x (1x4x12x12) to y (1 x channels x 12x12)."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 12, 12])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def conv_bn_sum_model() -> onnx.ModelProto:
     """Two conv+BN branches summed, then a BN that follows no convolution, then ReLU."""
     rng = np.random.default_rng(0)
@@ -37,14 +49,7 @@ def conv_bn_sum_model() -> onnx.ModelProto:
         helper.make_node("BatchNormalization", ["s", "g2", "b2", "m2", "v2"], ["t"]),
         helper.make_node("Relu", ["t"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "conv_bn_sum",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])],
-        initializer=inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return x_to_y_model("conv_bn_sum", nodes, inits, 8)
 
 
 def op_counts(mod: tvm.IRModule) -> collections.Counter:
@@ -79,14 +84,7 @@ def concat_bn_scale_model() -> onnx.ModelProto:
         helper.make_node("Mul", ["n", "s"], ["q"]),
         helper.make_node("Relu", ["q"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "concat_bn_scale",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 12, 12])],
-        initializer=inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return x_to_y_model("concat_bn_scale", nodes, inits, 12)
 
 
 @pytest.mark.parametrize(
