@@ -271,13 +271,18 @@ def _records_per_workload(db: ms.database.Database, tasks: Sequence[TaskInfo]) -
     return counts
 
 
+def _best_record(db: ms.database.Database, task: TaskInfo) -> ms.database.TuningRecord | None:
+    """The fastest valid record of the task's workload, if the database has one."""
+    # has_workload first: commit_workload would add an unknown workload to the database.
+    top = db.get_top_k(db.commit_workload(task.mod), 1) if db.has_workload(task.mod) else []
+    return top[0] if top else None
+
+
 def _best_us(db: ms.database.Database, task: TaskInfo) -> float | None:
-    if not db.has_workload(task.mod):
+    best = _best_record(db, task)
+    if best is None:
         return None
-    top = db.get_top_k(db.commit_workload(task.mod), 1)
-    if not top:
-        return None
-    secs = [float(s) for s in top[0].run_secs]
+    secs = [float(s) for s in best.run_secs]
     return sum(secs) / len(secs) * 1e6
 
 
@@ -318,9 +323,7 @@ def compact_database(
             db.dump_pruned(pruned)
         else:
             for task in keep:
-                top = db.get_top_k(db.commit_workload(task.mod), 1) if db.has_workload(task.mod) else []
-                if top:
-                    best = top[0]
+                if (best := _best_record(db, task)) is not None:
                     workload = pruned.commit_workload(task.mod)
                     pruned.commit_tuning_record(
                         ms.database.TuningRecord(best.trace, workload, best.run_secs, best.target, best.args_info)
@@ -772,7 +775,7 @@ class _Plan:
     done: dict[str, int]
     """Trials each workload had before this run, by ``TaskInfo.key``."""
     todo: list[TaskInfo]
-    """Tasks still short of trials, costliest first."""
+    """Tasks still short of trials: unmeasured ones costliest first, then by measured time per inference."""
     patience: int | None
     min_gain: float
     search: SearchSize
@@ -789,9 +792,8 @@ class _Plan:
         for other in others:
             if len(traces) == most:
                 break
-            if self.db.has_workload(other.mod):
-                top = self.db.get_top_k(self.db.commit_workload(other.mod), 1)
-                traces += [top[0].trace] if top else []
+            if (best := _best_record(self.db, other)) is not None:
+                traces.append(best.trace)
         return traces
 
 
