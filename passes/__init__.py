@@ -9,6 +9,7 @@ Each is a ``tvm.transform`` pass usable in any ``tvm.transform.Sequential``::
 """
 
 from .annotate_streams import POLICIES, AnnotateStreams, ApplySchedule
+from .channels_last import ChannelsLast
 from .interleave_operators import STRATEGIES, InterleaveOperators
 from .lower_kernels import LowerKernels
 from .merge_tenants import MergeTenants, stack_tenants
@@ -19,6 +20,7 @@ __all__ = [
     "STRATEGIES",
     "AnnotateStreams",
     "ApplySchedule",
+    "ChannelsLast",
     "InterleaveOperators",
     "LowerKernels",
     "MergeTenants",

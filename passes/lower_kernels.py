@@ -11,6 +11,7 @@ from tvm import relax, tirx
 
 from cosched.errors import CoschedError
 
+from .channels_last import ChannelsLast
 from .simplify_inference import SimplifyInference
 
 logger = logging.getLogger(__name__)
@@ -54,14 +55,20 @@ def _gpu_default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def LowerKernels(  # noqa: N802
-    target: tvm.target.Target, database: str | Path | None = None, weight_prepack: bool | None = None
+    target: tvm.target.Target,
+    database: str | Path | None = None,
+    weight_prepack: bool | None = None,
+    channels_last: bool | None = None,
 ) -> tvm.transform.Pass:
     """Simplify, legalize, fold and fuse main into TIR kernels, then apply tuned (or GPU default) schedules."""
     # Prepacking lets a tuned CPU kernel read its constant weights in the layout its loops want
     # (MetaSchedule's RewriteLayout); the repacked weights are folded at compile time, so the
     # bundle's interface is unchanged. It is part of the workload, so tuning and compiling must agree.
     prepack = target.kind.name == "llvm" if weight_prepack is None else weight_prepack
-    passes = [SimplifyInference(), relax.get_pipeline("zero"), relax.transform.DeadCodeElimination(["main"])]
+    # The layout is part of every kernel's workload too: CPU databases are tuned for NHWC kernels.
+    nhwc = target.kind.name == "llvm" if channels_last is None else channels_last
+    passes = [SimplifyInference(), *([ChannelsLast()] if nhwc else [])]
+    passes += [relax.get_pipeline("zero"), relax.transform.DeadCodeElimination(["main"])]
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     if database is not None:

@@ -66,13 +66,78 @@ def _fold_bn_into_conv(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.trans
     return rewrite_call(pattern, rewriter, func)
 
 
+@relax.transform.function_pass(opt_level=0, name="cosched.BatchNormToAffine")
+def _bn_to_affine(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> relax.Function:
+    # A batch norm that follows no convolution is x * scale + shift; DecomposeOpsForInference would
+    # leave (x - mean) / sqrt(var + eps) * gamma + beta with per-channel constants of rank 3 (C, 1, 1),
+    # four kernel inputs instead of two, which ConvertLayout cannot carry to NHWC.
+    data = wildcard()
+    params = [is_const() for _ in range(4)]
+    norm = is_op("relax.nn.batch_norm")(data, *params)
+    pattern = TupleGetItemPattern(norm, 0)
+
+    def rewriter(expr, matches):
+        attrs = matches[norm].attrs
+        gamma, beta, mean, var = (matches[p].value.numpy() for p in params)
+        ndim = int(matches[data].ty.ndim)
+        if gamma.dtype != np.float32 or gamma.ndim != 1:
+            return expr
+        gamma = gamma if attrs.scale else np.ones_like(gamma)
+        beta = beta if attrs.center else np.zeros_like(beta)
+        scale = gamma / np.sqrt(var + np.float32(attrs.epsilon))
+        shift = beta - mean * scale
+        shape = [1] * ndim
+        shape[int(attrs.axis) % ndim] = -1
+        scaled = relax.op.multiply(matches[data], relax.const(scale.reshape(shape)))
+        return relax.op.add(scaled, relax.const(shift.reshape(shape)))
+
+    return rewrite_call(pattern, rewriter, func)
+
+
+BROADCAST_OPS = ("relax.add", "relax.multiply", "relax.subtract", "relax.divide")
+
+
+@relax.transform.function_pass(opt_level=0, name="cosched.RankConstants")
+def _rank_constants(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> relax.Function:
+    # ONNX exports often scale channels by a (C, 1, 1) constant; broadcasting pads it to (1, C, 1, 1).
+    # Written out at full rank, ConvertLayout can permute it with the tensor (it leaves mixed ranks
+    # in NCHW, between two transposes).
+    for op in BROADCAST_OPS:
+        for const_first in (False, True):
+            tensor, constant = wildcard(), is_const()
+            pattern = is_op(op)(constant, tensor) if const_first else is_op(op)(tensor, constant)
+
+            def rewriter(expr, matches, tensor=tensor, constant=constant, pattern=pattern, const_first=const_first):
+                rank, value = matches[tensor].ty.ndim, matches[constant].value.numpy()
+                if rank is None or int(rank) <= value.ndim:
+                    return expr
+                padded = relax.const(value.reshape((1,) * (int(rank) - value.ndim) + value.shape))
+                args = [padded, matches[tensor]] if const_first else [matches[tensor], padded]
+                return relax.Call(matches[pattern].op, args, matches[pattern].attrs)
+
+            func = rewrite_call(pattern, rewriter, func)
+    return func
+
+
+@relax.transform.function_pass(opt_level=0, name="cosched.RemoveDropout")
+def _remove_dropout(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> relax.Function:
+    # Dropout is the identity at inference, yet it stays a tuple-valued op: it costs a copy kernel,
+    # and ConvertLayout cannot carry a layout through it.
+    data = wildcard()
+    pattern = TupleGetItemPattern(is_op("relax.nn.dropout")(data), 0)
+    return rewrite_call(pattern, lambda _expr, matches: matches[data], func)
+
+
 def SimplifyInference() -> tvm.transform.Pass:  # noqa: N802
-    """Fold batch norms into the convolutions before them, decompose the rest, turn ONNX Sum into adds."""
+    """Fold batch norms into the convolutions before them, decompose the rest, drop dropout, turn Sum into adds."""
     # ONNX Runtime does the same at graph level; without it ResNet-50 spends an eighth of its time
     # in batch-norm, ReLU and Sum kernels that a convolution's epilogue does for free.
     return tvm.transform.Sequential(
         [
             _fold_bn_into_conv,
+            _bn_to_affine,
+            _remove_dropout,
+            _rank_constants,
             relax.transform.DecomposeOpsForInference(),
             # A decomposed batch norm leaves (y, mean, var)[0]; the tuple would keep y's
             # producer and consumer in separate kernels.
