@@ -1,4 +1,4 @@
-"""SimplifyInference: batch norms fold into convolutions, ONNX Sum becomes adds, results unchanged."""
+"""SimplifyInference and ChannelsLast: fewer kernels, NHWC convolutions, results unchanged."""
 
 import collections
 
@@ -10,7 +10,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
-from cosched.passes import LowerKernels, SimplifyInference
+from cosched.passes import ChannelsLast, LowerKernels, SimplifyInference
 from cosched.target import host_target
 from cosched.tenant import load_onnx
 
@@ -70,7 +70,7 @@ def test_batch_norms_and_sum_are_gone():
 
 
 def concat_bn_scale_model() -> onnx.ModelProto:
-    """Concat -> BN -> Mul -> ReLU, as in DenseNet: a batch norm that no convolution can absorb."""
+    """Concat -> BN -> Mul by a (C, 1, 1) constant -> ReLU -> Dropout, as in DenseNet and SqueezeNet."""
     rng = np.random.default_rng(2)
     inits = [
         numpy_helper.from_array(rng.standard_normal(shape).astype("float32"), name)
@@ -79,31 +79,60 @@ def concat_bn_scale_model() -> onnx.ModelProto:
     inits.append(numpy_helper.from_array(rng.uniform(0.5, 1.5, 12).astype("float32"), "v"))
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Concat", ["x", "c"], ["k"], axis=1),
+        helper.make_node("Concat", ["c", "x"], ["k"], axis=1),
         helper.make_node("BatchNormalization", ["k", "g", "b", "m", "v"], ["n"]),
         helper.make_node("Mul", ["n", "s"], ["q"]),
-        helper.make_node("Relu", ["q"], ["y"]),
+        helper.make_node("Relu", ["q"], ["r"]),
+        helper.make_node("Dropout", ["r"], ["y"]),
     ]
     return x_to_y_model("concat_bn_scale", nodes, inits, 12)
 
 
+def test_lone_batch_norm_is_affine_and_dropout_gone():
+    before = load_onnx(concat_bn_scale_model(), name="m").mod
+    assert op_counts(before)["relax.nn.dropout"] == 1
+    after = op_counts(SimplifyInference()(before))
+    assert after["relax.nn.batch_norm"] == after["relax.nn.dropout"] == 0
+    # x * scale + shift, then the model's own Mul: no subtract, divide or sqrt left on the data path.
+    assert after["relax.subtract"] == after["relax.divide"] == after["relax.sqrt"] == 0
+    assert (after["relax.multiply"], after["relax.add"]) == (2, 1)
+
+
+@pytest.mark.parametrize("model", [conv_bn_sum_model, concat_bn_scale_model])
+def test_channels_last_transposes_only_at_the_boundary(model):
+    main = ChannelsLast()(SimplifyInference()(load_onnx(model(), name="m").mod))["main"]
+    bindings = [b for block in main.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+    convs = [b.value for b in bindings if b.value.op == tvm.ir.Op.get("relax.nn.conv2d")]
+    assert convs and all((c.attrs.data_layout, c.attrs.kernel_layout) == ("NHWC", "OHWI") for c in convs)
+    # The input in and the output out, nothing in between (a (C, 1, 1) constant left its Mul and the
+    # concat before it in NCHW); weights and per-channel constants were permuted at compile time.
+    permutes = [b for b in bindings if b.value.op == tvm.ir.Op.get("relax.permute_dims")]
+    outputs = list(main.body.body.fields) if isinstance(main.body.body, relax.Tuple) else [main.body.body]
+    assert len(permutes) == 2
+    assert any(permutes[0].value.args[0].same_as(p) for p in main.params)
+    assert any(permutes[1].var.same_as(o) for o in outputs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     ("model", "kernels"),
     [
         # Five kernels without the pass (two convs, two batch norms, the sum): the BNs fold into
         # the convs, the sum and the lone BN+ReLU into the second conv's epilogue.
         (conv_bn_sum_model, 2),
-        # Three without (conv, concat+BN, Mul+ReLU): the decomposed BN fuses on into Mul+ReLU.
+        # Four without (conv, concat+BN, Mul+ReLU, dropout): the BN fuses on into Mul+ReLU.
         (concat_bn_scale_model, 2),
     ],
 )
-def test_fewer_kernels_same_result(model, kernels):
+def test_fewer_kernels_same_result(model, kernels, channels_last):
     model = model()
     tenant = load_onnx(model, name="m")
     target = host_target()
-    lowered = LowerKernels(target)(tenant.mod)
+    lowered = LowerKernels(target, channels_last=channels_last)(tenant.mod)
     names = [gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert len(names) == kernels, names
+    # NHWC adds at most the input's and the output's transpose (they fuse into injective neighbours).
+    assert len(names) <= kernels + 2 * channels_last, names
+    assert len(names) >= kernels, names
     x = np.random.default_rng(1).standard_normal((1, 4, 12, 12)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(lowered, target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x))
