@@ -38,6 +38,14 @@ def _sum_to_add(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.Pa
     return func
 
 
+def _bn_scale_shift(attrs, gamma, beta, mean, var) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift) with batch_norm(x) == x * scale + shift at inference."""
+    gamma = gamma if attrs.scale else np.ones_like(gamma)
+    beta = beta if attrs.center else np.zeros_like(beta)
+    scale = gamma / np.sqrt(var + np.float32(attrs.epsilon))
+    return scale, beta - mean * scale
+
+
 @relax.transform.function_pass(opt_level=0, name="cosched.FoldBatchNormIntoConv")
 def _fold_bn_into_conv(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> relax.Function:
     # relax.transform.FoldBatchnormToConv2D builds the folded weights as Relax ops that FoldConstant
@@ -53,13 +61,9 @@ def _fold_bn_into_conv(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.trans
         if (conv_attrs.data_layout, conv_attrs.kernel_layout, int(bn_attrs.axis)) != ("NCHW", "OIHW", 1):
             return expr
         w = matches[weight].value.numpy()
-        gamma, beta, mean, var = (matches[p].value.numpy() for p in params)
         if w.dtype != np.float32:
             return expr
-        gamma = gamma if bn_attrs.scale else np.ones_like(gamma)
-        beta = beta if bn_attrs.center else np.zeros_like(beta)
-        scale = gamma / np.sqrt(var + np.float32(bn_attrs.epsilon))
-        shift = beta - mean * scale
+        scale, shift = _bn_scale_shift(bn_attrs, *(matches[p].value.numpy() for p in params))
         folded = relax.Call(matches[conv].op, [matches[data], relax.const(w * scale.reshape(-1, 1, 1, 1))], conv_attrs)
         return relax.op.add(folded, relax.const(shift.reshape(1, -1, 1, 1)))
 
@@ -78,14 +82,11 @@ def _bn_to_affine(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.
 
     def rewriter(expr, matches):
         attrs = matches[norm].attrs
-        gamma, beta, mean, var = (matches[p].value.numpy() for p in params)
+        values = [matches[p].value.numpy() for p in params]
         ndim = int(matches[data].ty.ndim)
-        if gamma.dtype != np.float32 or gamma.ndim != 1:
-            return expr
-        gamma = gamma if attrs.scale else np.ones_like(gamma)
-        beta = beta if attrs.center else np.zeros_like(beta)
-        scale = gamma / np.sqrt(var + np.float32(attrs.epsilon))
-        shift = beta - mean * scale
+        if ndim < 1 or any(v.dtype != np.float32 or v.ndim != 1 for v in values):
+            return expr  # unknown rank or another dtype: left to DecomposeOpsForInference
+        scale, shift = _bn_scale_shift(attrs, *values)
         shape = [1] * ndim
         shape[int(attrs.axis) % ndim] = -1
         scaled = relax.op.multiply(matches[data], relax.const(scale.reshape(shape)))
