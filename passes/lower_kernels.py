@@ -31,8 +31,8 @@ def _apply_database(target: tvm.target.Target, database: str | Path) -> tvm.tran
         if kernels and not tuned:
             # A silent fallback would show up only as a 10-80x slower bundle.
             logger.warning(
-                "database %s has a record for none of the %d kernels (tuned for other models, or before "
-                "weight prepacking); they stay untuned: rerun `cosched tune`",
+                "database %s has a record for none of the %d kernels (tuned for other models, or for an "
+                "older cosched's kernels); they stay untuned: rerun `cosched tune --prune`",
                 database,
                 len(kernels),
             )
