@@ -27,6 +27,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from cosched import tuning
 from cosched.errors import CoschedError
+from cosched.passes import LowerKernels
 from cosched.target import host_target
 from cosched.tenant import load_onnx
 
@@ -243,15 +244,16 @@ def test_spent_budget_starts_no_task(mods, tmp_path):
 def test_prepacked_weights_tuned_and_exact(tmp_path):
     """On CPU, tuned kernels read weights repacked at compile time; outputs do not change."""
     import cosched
-    from cosched.passes import LowerKernels
 
     tenant = load_onnx(conv_model("b", 2, True), name="b")
     tuning.tune_modules([LowerKernels(TARGET)(tenant.mod)], TARGET, tmp_path, trials_per_task=1, progress=False)
     lowered = LowerKernels(TARGET, tmp_path)(tenant.mod)
     kernels = [gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert any(k.endswith("_prepacked") for k in kernels), kernels
-    # The repacking itself ran at compile time: main calls the kernels and nothing else.
-    assert len(kernels) == 2
+    # The repacking itself ran at compile time: main calls the two convolutions and, as the model is
+    # NHWC inside (ChannelsLast), its input's and output's transposes, nothing else.
+    assert len([k for k in kernels if not k.startswith("transpose")]) == 2, kernels
+    assert len(kernels) <= 4, kernels
     x = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype("float32")
     untuned = cosched.compile([tenant], target=TARGET).run({"b": {"x": x}})["b"][0]
     tuned = cosched.compile([tenant], target=TARGET, database=tmp_path).run({"b": {"x": x}})["b"][0]
@@ -260,13 +262,12 @@ def test_prepacked_weights_tuned_and_exact(tmp_path):
 
 def test_database_without_matching_records_warns(tuned, caplog):
     """A database from other models applies to nothing: say so instead of running untuned silently."""
-    from cosched.passes import LowerKernels
 
     work_dir, _ = tuned  # tuned without prepacking, so none of its workloads match
     tenant = load_onnx(conv_model("b", 2, True), name="b")
     with caplog.at_level("WARNING"):
         LowerKernels(TARGET, work_dir)(tenant.mod)
-    assert "none of the 2 kernels" in caplog.text
+    assert "has a record for none of the" in caplog.text
 
 
 def test_early_stop_ends_stale_tasks(mods, tmp_path):
@@ -311,9 +312,10 @@ def test_tune_opens_the_database_once_for_all_passes(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "open_database", lambda work_dir: opened.append(work_dir) or real_open(work_dir))
     tenants = [load_onnx(conv_model(n, i, i == 1), name=n) for i, n in enumerate(NAMES)]
     report = tuning.tune(tenants, TARGET, tmp_path, trials=2, first_trials=1, progress=False, patience=None)
-    assert report.trials_run == 4  # two passes (1, then 2 trials) over the two workloads
+    workloads = len(tuning.extract_tasks([LowerKernels(TARGET)(t.mod) for t in tenants], TARGET))
+    assert report.trials_run == 2 * workloads  # two passes (1, then 2 trials) over every workload
     assert len(opened) == 1
-    assert sorted(records_by_workload(tmp_path).values()) == [1, 1]  # compacted to the best
+    assert sorted(records_by_workload(tmp_path).values()) == [1] * workloads  # compacted to the best
 
 
 def two_conv_model() -> onnx.ModelProto:
@@ -347,7 +349,6 @@ def test_nearest_tiling_keeps_fitting_factors_and_refits_others():
 
 
 def test_transfer_seeds_a_new_workload_from_its_family(tmp_path):
-    from cosched.passes import LowerKernels
 
     tenant = load_onnx(two_conv_model(), name="t")
     mod = LowerKernels(TARGET)(tenant.mod)
