@@ -31,7 +31,8 @@ def _fold_constant_permutes(
 def ChannelsLast() -> tvm.transform.Pass:  # noqa: N802
     """Lay convolutions out as NHWC (weights OHWI) and carry the layout through the operators between them."""
     # In NCHW a CPU kernel vectorizes along the image width, 7-56 wide in ResNet-50; NHWC puts 64-2048
-    # channels innermost. Tuned with the same trials, four ResNet-50 convolutions ran 1.07-1.66x faster.
+    # channels innermost. Tuned with the same trials, four ResNet-50 convolutions ran 1.13-1.63x faster
+    # (benchmarks/conv_layout.py).
     # Only the model's inputs and outputs and operators without a layout rule pay a transpose.
     return tvm.transform.Sequential(
         [
