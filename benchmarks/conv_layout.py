@@ -20,9 +20,10 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from cosched import bench, tuning
+from cosched.models import graph_model
 from cosched.passes import LowerKernels
 from cosched.target import host_target
 from cosched.tenant import load_onnx
@@ -44,14 +45,7 @@ def conv_model(channels: int, size: int, out: int, kernel: int, rng: np.random.G
         helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[kernel // 2] * 4),
         helper.make_node("Relu", ["c"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out, size, size])],
-        initializer=inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return graph_model("conv", nodes, inits, ("x", [1, channels, size, size]), ("y", [1, out, size, size]), opset=17)
 
 
 def ort_ms(model: onnx.ModelProto, x: np.ndarray, threads: int, repeat: int = 30) -> float:

@@ -7,9 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from tvm import relax
 
+from cosched.models import graph_model
 from cosched.passes import ChannelsLast, LowerKernels, SimplifyInference
 from cosched.target import host_target
 from cosched.tenant import load_onnx
@@ -17,14 +18,7 @@ from cosched.tenant import load_onnx
 
 def x_to_y_model(name: str, nodes, inits, channels: int) -> onnx.ModelProto:
     """A graph from x (1x4x12x12) to y (1 x channels x 12x12)."""
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 12, 12])],
-        initializer=inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return graph_model(name, nodes, inits, ("x", [1, 4, 12, 12]), ("y", [1, channels, 12, 12]))
 
 
 def conv_bn_sum_model() -> onnx.ModelProto:

@@ -27,6 +27,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from cosched import tuning
 from cosched.errors import CoschedError
+from cosched.models import graph_model
 from cosched.passes import LowerKernels
 from cosched.target import host_target
 from cosched.tenant import load_onnx
@@ -52,14 +53,7 @@ def conv_model(name: str, seed: int, second_conv: bool) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(rng.standard_normal((16, 8, 1, 1)).astype("float32"), "w2"))
         nodes.append(helper.make_node("Conv", ["r", "w2"], ["y"]))
         channels = 16
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 16, 16])],
-        initializer=inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return graph_model(name, nodes, inits, ("x", [1, 4, 16, 16]), ("y", [1, channels, 16, 16]))
 
 
 def lowered_modules() -> list[tvm.IRModule]:

@@ -137,17 +137,29 @@ def tiny_cnn(
     bf = weight("bf", (classes,), 0.05)
     nodes.append(helper.make_node("Gemm", ["flat", wf, bf], ["logits"]))
     nodes.append(helper.make_node("Softmax", ["logits"], ["prob"], axis=1))
+    return graph_model(name, nodes, inits, ("input", [1, 3, size, size]), ("prob", [1, classes]))
+
+
+def graph_model(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    input_: tuple[str, list[int]],
+    output: tuple[str, list[int]],
+    opset: int = 13,
+) -> onnx.ModelProto:
+    """A checked float32 ONNX model of ``nodes`` from one named input to one named output."""
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, size, size])],
-        [helper.make_tensor_value_info("prob", onnx.TensorProto.FLOAT, [1, classes])],
+        [helper.make_tensor_value_info(input_[0], onnx.TensorProto.FLOAT, input_[1])],
+        [helper.make_tensor_value_info(output[0], onnx.TensorProto.FLOAT, output[1])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="cosched")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="cosched")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
 
 
-__all__ = ["LIGHT_MODELS", "light_model", "light_model_path", "randomize_weights", "tiny_cnn"]
+__all__ = ["LIGHT_MODELS", "graph_model", "light_model", "light_model_path", "randomize_weights", "tiny_cnn"]
