@@ -92,10 +92,34 @@ def test_lone_batch_norm_is_affine_and_dropout_gone():
     assert (after["relax.multiply"], after["relax.add"]) == (2, 1)
 
 
+def channel_shuffle_model() -> onnx.ModelProto:
+    """Conv -> ReLU -> ShuffleNet's channel shuffle (2 groups of 4) -> Conv."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 4, 1, 1)).astype("float32"), "w1"),
+        numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype("float32"), "w2"),
+        numpy_helper.from_array(np.array([1, 2, 4, 12, 12], "int64"), "grouped"),
+        numpy_helper.from_array(np.array([1, 8, 12, 12], "int64"), "merged"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Reshape", ["r", "grouped"], ["g"]),
+        helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t", "merged"], ["s"]),
+        helper.make_node("Conv", ["s", "w2"], ["y"]),
+    ]
+    return x_to_y_model("channel_shuffle", nodes, inits, 8)
+
+
+def channels_last_calls(model: onnx.ModelProto) -> tuple[relax.Function, list[relax.VarBinding]]:
+    main = ChannelsLast()(SimplifyInference()(load_onnx(model, name="m").mod))["main"]
+    return main, [b for block in main.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+
+
 @pytest.mark.parametrize("model", [conv_bn_sum_model, concat_bn_scale_model])
 def test_channels_last_transposes_only_at_the_boundary(model):
-    main = ChannelsLast()(SimplifyInference()(load_onnx(model(), name="m").mod))["main"]
-    bindings = [b for block in main.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+    main, bindings = channels_last_calls(model())
     convs = [b.value for b in bindings if b.value.op == tvm.ir.Op.get("relax.nn.conv2d")]
     assert convs and all((c.attrs.data_layout, c.attrs.kernel_layout) == ("NHWC", "OHWI") for c in convs)
     # The input in and the output out, nothing in between (a (C, 1, 1) constant left its Mul and the
@@ -107,6 +131,14 @@ def test_channels_last_transposes_only_at_the_boundary(model):
     assert any(permutes[1].var.same_as(o) for o in outputs)
 
 
+def test_channel_shuffle_stays_channels_last():
+    _, bindings = channels_last_calls(channel_shuffle_model())
+    permutes = [b.value for b in bindings if b.value.op == tvm.ir.Op.get("relax.permute_dims")]
+    # The input's and the output's transpose, and the shuffle's swap of (groups, channels per group)
+    # on the last two axes: no round trip to NCHW and back around the shuffle.
+    assert [[int(a) for a in p.attrs.axes] for p in permutes] == [[0, 2, 3, 1], [0, 1, 2, 4, 3], [0, 3, 1, 2]]
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     ("model", "kernels"),
@@ -116,6 +148,8 @@ def test_channels_last_transposes_only_at_the_boundary(model):
         (conv_bn_sum_model, 2),
         # Four without (conv, concat+BN, Mul+ReLU, dropout): the BN fuses on into Mul+ReLU.
         (concat_bn_scale_model, 2),
+        # Conv+ReLU, the shuffle (reshape, transpose, reshape: one kernel), conv.
+        (channel_shuffle_model, 3),
     ],
 )
 def test_fewer_kernels_same_result(model, kernels, channels_last):
