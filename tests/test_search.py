@@ -1,5 +1,8 @@
 """Learned co-schedule search: valid, never slower than sequential on measurement, model trains."""
 
+import types
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ from cosched.errors import CoschedError
 from cosched.models import tiny_cnn
 from cosched.schedule import Schedule
 from cosched.search import NUM_FEATURES, CostModel, features, load_searched, profile_kernels, spearman, thread_splits
+from cosched.search import measure as search_measure
 from tests.conftest import make_inputs
 
 
@@ -74,6 +78,24 @@ def test_cost_model_trains_predicts_and_persists(tmp_path):
     model.save()
     again = CostModel(tmp_path / "model.json")
     np.testing.assert_allclose(again.predict(x[40:]), model.predict(x[40:]), rtol=1e-6)
+
+
+def test_reference_runs_as_separate_copies_pooled():
+    # Each built bundle takes a fixed time; the reference's copies are built first and take 1, 2, 9 ms.
+    built = []
+
+    class Fake:
+        def with_schedule(self, schedule):
+            ms = {"ref": [1.0, 2.0, 9.0], "x": [5.0]}[schedule][sum(b[0] == schedule for b in built)]
+            built.append((schedule, ms))
+            return types.SimpleNamespace(run=lambda _inputs, ms=ms: calls.append(ms))
+
+    calls = []
+    with mock.patch("time.perf_counter_ns", side_effect=lambda: 1_000_000 * sum(calls)):
+        times = search_measure(Fake(), ["ref", "x"], None, repeat=3, settle_s=0, copies=3)
+    assert [b[0] for b in built] == ["ref", "ref", "ref", "x"]
+    assert len(calls) == 4 * (3 + 1)  # one warm-up round
+    assert times == [2.0, 5.0]  # the median of the nine reference samples, not one copy's
 
 
 def test_thread_splits_share_or_split_the_whole_budget():

@@ -331,16 +331,31 @@ def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
     return KernelProfile(result["one"], result["full"], nbytes, result["shared"])
 
 
-def measure(bundle, schedules: list[Schedule], inputs, repeat: int = 5, settle_s: float = 0.3) -> list[float]:
-    """Median latency (ms) of each schedule, runs alternated across schedules."""
+def measure(
+    bundle,
+    schedules: list[Schedule],
+    inputs,
+    repeat: int = 5,
+    settle_s: float = 0.3,
+    copies: int = 1,
+) -> list[float]:
+    """Median latency (ms) of each schedule, runs alternated across schedules.
+
+    The first schedule is the reference of the others' ratios: with ``copies`` > 1 it runs
+    as ``copies`` separately built bundles, and its median is over all their samples.
+    """
     from . import bench
 
-    bundles = [bundle.with_schedule(s) for s in schedules]
+    copies = max(1, copies)
+    bundles = [bundle.with_schedule(schedules[0]) for _ in range(copies)]
+    bundles += [bundle.with_schedule(s) for s in schedules[1:]]
     contenders = [bench.Contender(name=str(i), run=lambda b=b: b.run(inputs)) for i, b in enumerate(bundles)]
     # One warm-up round starts workers and workspaces. Each schedule has its own workers, and the
     # previous one's thread pools spin ~200 ms after a run: six copies of one schedule measured
     # 1.25-1.40x apart with a 0.1 s pause, 1.07-1.12x with 0.3 s (benchmarks/search_noise.py).
-    return [r.median_ms for r in bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s)]
+    results = bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s)
+    reference = float(np.median([t for r in results[:copies] for t in r.samples_ms]))
+    return [reference] + [r.median_ms for r in results[copies:]]
 
 
 def seeds(bundle) -> list[Candidate]:
@@ -372,6 +387,7 @@ def search(
     explore: int = 2,
     repeat: int = 5,
     confirm: int = 3,
+    reference_copies: int = 3,
     model_path: str | Path | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
@@ -382,6 +398,7 @@ def search(
     schedules into ``population`` children, measures the ``measure_top`` the model ranks best plus
     ``explore`` random ones, and retrains the model. The ``confirm`` best are then measured again
     side by side with the sequential schedule; the fastest there wins unless sequential is faster.
+    Every ratio is to the sequential schedule in the same batch, run as ``reference_copies`` bundles.
     """
     start = time.time()
     rng = random.Random(seed)
@@ -395,7 +412,9 @@ def search(
     measured: list[Candidate] = []
 
     def run_batch(batch: list[Candidate]) -> float:
-        times = measure(bundle, [sequential] + [c.schedule for c in batch], inputs, repeat)
+        # The reference's error moves every ratio of the batch, and with it the model's targets: the
+        # same schedule measured 0.83x, 1.44x and 1.04x a single-copy reference in three searches.
+        times = measure(bundle, [sequential] + [c.schedule for c in batch], inputs, repeat, copies=reference_copies)
         for c, t in zip(batch, times[1:], strict=True):
             c.measured_ms = t
             c.measured = t / times[0]
@@ -438,7 +457,7 @@ def search(
     # The best of many noisy measurements is biased low (winner's curse): the top few are measured
     # again, together, with twice the runs, and the winner is picked from that round alone.
     finalists = sorted(measured, key=lambda c: c.measured)[:confirm]
-    times = measure(bundle, [sequential] + [c.schedule for c in finalists], inputs, 2 * repeat)
+    times = measure(bundle, [sequential] + [c.schedule for c in finalists], inputs, 2 * repeat, copies=reference_copies)
     seq_ms.append(times[0])
     i = int(np.argmin(times[1:]))
     best = replace(finalists[i], measured=times[1 + i] / times[0], measured_ms=times[1 + i])
