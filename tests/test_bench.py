@@ -158,6 +158,17 @@ def test_table_memory_column_and_direction():
     assert "planned" in table
 
 
+@pytest.mark.parametrize("spinning", [None, False, True])
+def test_ort_session_spinning_is_set(spinning):
+    tenant = bench._OrtTenant("tiny", tiny_model().SerializeToString(), {"x": np.zeros((1, 8), "float32")}, 1, spinning)
+    options = tenant.session.get_session_options()
+    if spinning is None:  # ONNX Runtime's default (on): no entry
+        with pytest.raises(Exception, match="does not have configuration"):
+            options.get_session_config_entry("session.intra_op.allow_spinning")
+    else:
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spinning))
+
+
 def test_split_threads():
     assert bench.split_threads(2, 2) == [1, 1]
     assert bench.split_threads(5, 2) == [3, 2]

@@ -47,11 +47,13 @@ def test_bench_prints_every_contender_with_ratios(model_files, capsys):
         "cosched-breadth_first",
         "ort-seq",
         "ort-concurrent",
+        "ort-seq-nospin",
+        "ort-concurrent-nospin",
     ):
         assert name in out
     assert "machine :" in out and "versions:" in out and "1.00" in out
     # Each model alone against ONNX Runtime, and the headline ratios.
-    assert "TVM/ORT" in out and "best cosched schedule" in out
+    assert "TVM/ORT" in out and "best cosched schedule" in out and "best of ONNX Runtime (ort-" in out
     assert sum(line.startswith(("left ", "right ")) for line in out.splitlines()) == 2
 
 
