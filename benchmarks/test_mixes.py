@@ -33,13 +33,15 @@ def mix(request):
         ),
         "ort-seq": bench.ort_sequential(models, inputs, THREADS),
         "ort-concurrent": bench.ort_concurrent(models, inputs, THREADS),
+        "ort-seq-nospin": bench.ort_sequential(models, inputs, THREADS, spinning=False, name="ort-seq-nospin"),
     }
     with bench.closing(contenders.values()):
         yield request.param, contenders
 
 
 @pytest.mark.parametrize(
-    "contender", ["relax-vm-seq", "relax-vm-concurrent", "cosched-breadth_first", "ort-seq", "ort-concurrent"]
+    "contender",
+    ["relax-vm-seq", "relax-vm-concurrent", "cosched-breadth_first", "ort-seq", "ort-concurrent", "ort-seq-nospin"],
 )
 def test_mix(benchmark, mix, contender):
     name, contenders = mix
