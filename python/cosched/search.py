@@ -413,7 +413,7 @@ def search(
 
     def run_batch(batch: list[Candidate]) -> float:
         # The reference's error moves every ratio of the batch, and with it the model's targets: the
-        # same schedule measured 0.83x, 1.44x and 1.04x a single-copy reference in three searches.
+        # same order on one stream measured 0.83x, 1.44x and 1.04x a single-copy reference in three searches.
         times = measure(bundle, [sequential] + [c.schedule for c in batch], inputs, repeat, copies=reference_copies)
         for c, t in zip(batch, times[1:], strict=True):
             c.measured_ms = t
