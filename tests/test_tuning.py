@@ -343,7 +343,6 @@ def test_nearest_tiling_keeps_fitting_factors_and_refits_others():
 
 
 def test_transfer_seeds_a_new_workload_from_its_family(tmp_path):
-
     tenant = load_onnx(two_conv_model(), name="t")
     mod = LowerKernels(TARGET)(tenant.mod)
     tasks = tuning.extract_tasks([mod], TARGET, ["t"])

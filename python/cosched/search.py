@@ -412,8 +412,9 @@ def search(
     measured: list[Candidate] = []
 
     def run_batch(batch: list[Candidate]) -> float:
-        # The reference's error moves every ratio of the batch, and with it the model's targets: the
-        # same order on one stream measured 0.83x, 1.44x and 1.04x a single-copy reference in three searches.
+        # The reference's error moves every ratio of the batch, and with it the model's targets. Three
+        # copies did not remove the spread: the reference's own schedule measured 0.83-1.44x a one-copy
+        # reference and 0.93-1.30x a three-copy one, hence the final round below.
         times = measure(bundle, [sequential] + [c.schedule for c in batch], inputs, repeat, copies=reference_copies)
         for c, t in zip(batch, times[1:], strict=True):
             c.measured_ms = t
