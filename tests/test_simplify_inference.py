@@ -82,14 +82,58 @@ def concat_bn_scale_model() -> onnx.ModelProto:
     return x_to_y_model("concat_bn_scale", nodes, inits, 12)
 
 
+def caffe_scale_model() -> onnx.ModelProto:
+    """Caffe's BN + Scale (Mul, Add) after a biased conv and after a concat, as in DenseNet-121 and Inception-v2.
+
+    The second batch norm's output also feeds the final Add, so it must stay computed once.
+    """
+    rng = np.random.default_rng(4)
+
+    def const(name, *shape, positive=False):
+        value = rng.uniform(0.5, 1.5, shape) if positive else rng.standard_normal(shape)
+        return numpy_helper.from_array(value.astype("float32"), name)
+
+    inits = [const("w", 8, 4, 3, 3), const("bias", 8)]
+    for i, c in enumerate((8, 12)):
+        inits += [const(f"g{i}", c), const(f"b{i}", c), const(f"m{i}", c), const(f"v{i}", c, positive=True)]
+        inits += [const(f"s{i}", c, 1, 1), const(f"t{i}", c, 1, 1)]
+    nodes = [helper.make_node("Conv", ["x", "w", "bias"], ["c"], pads=[1, 1, 1, 1])]
+    for i, src in enumerate(("c", "k")):
+        nodes += [
+            helper.make_node("BatchNormalization", [src, f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"]),
+            helper.make_node("Mul", [f"n{i}", f"s{i}"], [f"q{i}"]),
+            helper.make_node("Add", [f"q{i}", f"t{i}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], [f"r{i}"]),
+        ]
+        if i == 0:
+            nodes.append(helper.make_node("Concat", ["r0", "x"], ["k"], axis=1))
+    nodes.append(helper.make_node("Add", ["r1", "n1"], ["y"]))
+    return x_to_y_model("caffe_scale", nodes, inits, 12)
+
+
+def test_affine_chains_fold():
+    mod = SimplifyInference()(load_onnx(caffe_scale_model(), name="m").mod)
+    after = op_counts(mod)
+    # Conv, bias, BN and Scale are one conv + one add; the second BN (x * s + t) is used twice and
+    # stays, its Scale (one Mul, one Add) stays apart from it; the final Add.
+    assert after["relax.nn.conv2d"] == 1
+    assert (after["relax.multiply"], after["relax.add"]) == (2, 4)
+    # Folding the shared BN into its Scale would compute it twice: two multiplies of the concat.
+    ops = {b.var: b.value.op.name for block in mod["main"].body.blocks for b in block.bindings}
+    multiplies = [
+        b.value for block in mod["main"].body.blocks for b in block.bindings if ops[b.var] == "relax.multiply"
+    ]
+    assert sorted(ops.get(m.args[0]) for m in multiplies) == ["relax.add", "relax.concat"]
+
+
 def test_lone_batch_norm_is_affine_and_dropout_gone():
     before = load_onnx(concat_bn_scale_model(), name="m").mod
     assert op_counts(before)["relax.nn.dropout"] == 1
     after = op_counts(SimplifyInference()(before))
     assert after["relax.nn.batch_norm"] == after["relax.nn.dropout"] == 0
-    # x * scale + shift, then the model's own Mul: no subtract, divide or sqrt left on the data path.
+    # x * scale + shift with the model's own Mul folded in: no subtract, divide or sqrt on the data path.
     assert after["relax.subtract"] == after["relax.divide"] == after["relax.sqrt"] == 0
-    assert (after["relax.multiply"], after["relax.add"]) == (2, 1)
+    assert (after["relax.multiply"], after["relax.add"]) == (1, 1)
 
 
 def channel_shuffle_model() -> onnx.ModelProto:
@@ -150,6 +194,8 @@ def test_channel_shuffle_stays_channels_last():
         (concat_bn_scale_model, 2),
         # Conv+ReLU, the shuffle (reshape, transpose, reshape: one kernel), conv.
         (channel_shuffle_model, 3),
+        # Conv (scale folded in) + bias + ReLU; concat + BN + Scale + ReLU + Add.
+        (caffe_scale_model, 2),
     ],
 )
 def test_fewer_kernels_same_result(model, kernels, channels_last):
