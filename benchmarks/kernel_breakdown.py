@@ -26,13 +26,16 @@ from cosched.compare import MIXES, load_models, make_inputs, shipped_database
 from cosched.target import host_target
 
 
-def tvm_kinds(bundle, inputs, repeat: int) -> dict[str, float]:
-    """Milliseconds per inference by kernel kind."""
+def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], float, int]:
+    """Milliseconds per inference by kernel kind, the span from first start to last end, the kernel count."""
     kinds: dict[str, float] = collections.defaultdict(float)
+    span = 0.0
     for _ in range(repeat):
-        for event in bundle.profile(inputs).events:
+        events = bundle.profile(inputs).events
+        span += (max(e.end_us for e in events) - min(e.start_us for e in events)) / 1e3
+        for event in events:
             kinds[re.sub(r"\d+", "", event.func).removesuffix("_prepacked")] += (event.end_us - event.start_us) / 1e3
-    return {k: v / repeat for k, v in kinds.items()}
+    return {k: v / repeat for k, v in kinds.items()}, span / repeat, len(events)
 
 
 def ort_kinds(session_bytes: bytes, feed, threads: int, repeat: int) -> dict[str, float]:
@@ -89,8 +92,11 @@ def main() -> int:
             )
         tvm_ms, ort_ms = (r.median_ms for r in plain)
         print(f"\n== {name}: latency TVM {tvm_ms:.2f} ms, ORT {ort_ms:.2f} ms (TVM/ORT {tvm_ms / ort_ms:.2f})")
-        print("  TVM kernels (profiled)                              ms/inf share")
-        print("\n".join(table(tvm_kinds(bundle, inputs, args.repeat), args.top)))
+        kinds, span, count = tvm_kinds(bundle, inputs, args.repeat)
+        # One stream: the span less the kernels' sum is the executor's time between kernels.
+        gap_us = 1e3 * (span - sum(kinds.values())) / count
+        print(f"  TVM kernels (profiled; {count} kernels, span {span:.3f} ms, {gap_us:.2f} us between kernels)")
+        print("\n".join(table(kinds, args.top)))
         print("  ONNX Runtime operators (profiled)                   ms/inf share")
         print("\n".join(table(ort_kinds(model.SerializeToString(), inputs[name], threads, args.repeat), args.top)))
     return 0
