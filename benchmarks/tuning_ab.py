@@ -5,7 +5,8 @@
     python benchmarks/tuning_ab.py --models squeezenet --arms sized transfer --trials 4
 
 Arms: ``sized`` (cosched's defaults), ``previous`` (the search sizes cosched used before
-``SearchSize``), ``transfer`` (defaults plus record transfer). With ``--minutes`` every arm gets the
+``SearchSize``), ``transfer`` (defaults plus record transfer), ``flush`` (defaults, candidates timed
+with the weights flushed from the caches). With ``--minutes`` every arm gets the
 same time budget through ``cosched.tune`` (its ladder: 2 trials per workload, then 8, ... up to
 ``--trials``, costliest first); without, every arm gets ``--trials`` per workload. Same seed; the databases go to
 temporary folders. Bundles alternate in one process (medians), next to ONNX Runtime one model after
@@ -30,6 +31,7 @@ ARMS = {
     "sized": {},
     "previous": {"search": PREVIOUS_SEARCH_SIZE},
     "transfer": {"transfer": True},
+    "flush": {"cache_flush": True},
 }
 
 
@@ -59,7 +61,8 @@ def main() -> int:
                     mods, target, work, trials_per_task=args.trials, names=list(models), progress=False, **options
                 )
             lines.append(
-                f"{arm}: {options['search']}, transfer={options.get('transfer', False)}\n"
+                f"{arm}: {options['search']}, transfer={options.get('transfer', False)}, "
+                f"cache_flush={options.get('cache_flush', False)}\n"
                 f"  {len(r.best_us)} of {r.tasks_deduped} workloads tuned, {r.trials_run} trials "
                 f"({r.trials_transferred} on transferred schedules) in {r.seconds / 60:.1f} min"
             )

@@ -292,6 +292,25 @@ def test_search_size_sets_the_population_per_batch(mods, tmp_path, monkeypatch):
     assert asked == [(small, 2), (small, 2)]
 
 
+def test_cache_flush_reaches_the_runner(mods, tmp_path, monkeypatch):
+    configs = []
+    real_runner = tuning.ms.runner.LocalRunner
+
+    def runner(*args, evaluator_config=None, **kwargs):
+        configs.append(evaluator_config)
+        return real_runner(*args, evaluator_config=evaluator_config, **kwargs)
+
+    monkeypatch.setattr(tuning.ms.runner, "LocalRunner", runner)
+    report = tuning.tune_modules(mods, TARGET, tmp_path, trials_per_task=1, names=NAMES, progress=False)
+    assert configs == [None] and report.trials_run == 2
+    flushed = tmp_path / "flushed"
+    report = tuning.tune_modules(
+        mods, TARGET, flushed, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
+    )
+    assert configs[1].enable_cpu_cache_flush and report.trials_run == 2
+    assert len(report.best_us) == 2  # the flushed runs measured
+
+
 def test_trial_ladder_covers_every_workload_before_going_deeper():
     assert tuning.trial_ladder(2, 32) == [2, 8, 32]
     assert tuning.trial_ladder(2, 8) == [2, 8]

@@ -680,6 +680,7 @@ def tune_modules(
     transfer: bool = False,
     search: SearchSize = SearchSize(),
     database: ms.database.JSONDatabase | None = None,
+    cache_flush: bool = False,
 ) -> TuneReport:
     """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
 
@@ -713,6 +714,9 @@ def tune_modules(
 
     Candidates are measured in a subprocess with the TVM runtime's default thread count (half
     the cores unless ``TVM_NUM_THREADS`` says otherwise), i.e. as the kernels run by default.
+    ``cache_flush`` evicts every argument but the first (weights, not the input) from the CPU caches
+    before each timed run, as the other tenants' kernels do in a bundle; its latencies are not
+    comparable with records measured warm, so a database should be tuned one way throughout.
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if trials_per_task < 1:
@@ -733,7 +737,7 @@ def tune_modules(
     families: dict[str, list[TaskInfo]] = {}
     for t in tasks if transfer else []:
         families.setdefault(family(t), []).append(t)
-    plan = _Plan(path, meta, db, done, todo, patience, min_gain, search, families)
+    plan = _Plan(path, meta, db, done, todo, patience, min_gain, search, families, cache_flush)
     report = TuneReport(
         tasks_total=sum(len(t.users) for t in tasks),
         tasks_deduped=len(tasks),
@@ -781,6 +785,7 @@ class _Plan:
     search: SearchSize
     families: dict[str, list[TaskInfo]] = field(default_factory=dict)
     """All tasks by :func:`family`, for transfer; empty: no transfer."""
+    cache_flush: bool = False
 
     def donors(self, task: TaskInfo, most: int) -> list:
         """Best traces of up to ``most`` other workloads of the task's family, closest in work first."""
@@ -811,7 +816,9 @@ def _tune_plan(
     """Tune ``plan.todo`` in order until done or out of budget; counts go into ``report``."""
     cores = _num_cores(target)
     builder = _PooledBuilder(max_workers=cores)
-    runner = ms.runner.LocalRunner()
+    runner = ms.runner.LocalRunner(
+        evaluator_config=ms.runner.EvaluatorConfig(enable_cpu_cache_flush=True) if plan.cache_flush else None
+    )
     # One cost model for all tasks. It predicts at random until it has seen num_warmup_samples
     # measurements; MetaSchedule's 100 would leave the first dozen tasks to chance here.
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores, num_warmup_samples=min(100, 4 * trials_per_task))
@@ -933,6 +940,7 @@ def tune(
     transfer: bool = False,
     search: SearchSize = SearchSize(),
     prune: bool = False,
+    cache_flush: bool = False,
 ) -> TuneReport:
     """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
 
@@ -973,6 +981,7 @@ def tune(
             transfer=transfer,
             search=search,
             database=db,
+            cache_flush=cache_flush,
         )
         reports.append(report)
     compact_database(work_dir, keep=extract_tasks(mods, tgt, names) if prune else None, database=db)
