@@ -11,7 +11,16 @@ from cosched.compare import compare
 from cosched.errors import CoschedError
 from cosched.models import tiny_cnn
 from cosched.schedule import Schedule
-from cosched.search import NUM_FEATURES, CostModel, features, load_searched, profile_kernels, spearman, thread_splits
+from cosched.search import (
+    NUM_FEATURES,
+    CostModel,
+    KernelProfile,
+    features,
+    load_searched,
+    profile_kernels,
+    spearman,
+    thread_splits,
+)
 from cosched.search import measure as search_measure
 from tests.conftest import make_inputs
 
@@ -142,3 +151,19 @@ def test_profile_measures_kernels_alone_and_in_a_group(searched):
         assert set(profile.shared) == ids
     assert all(1.0 <= profile.slowdown(k) <= 4.0 for k in ids)
     assert features(bundle.schedule, profile).shape == (NUM_FEATURES,)
+
+
+def test_speedup_bound_packs_kernels_on_one_core_or_all():
+    # Kernel 0 scales well (10 -> 5 us): on both cores it costs 10 core-us, alone on one 12 (co-run
+    # slowdown), so it stays on both. Kernel 1 scales badly (10 -> 8): 16 core-us vs 11 on one core.
+    profile = KernelProfile(one={0: 10.0, 1: 10.0}, full={0: 5.0, 1: 8.0}, nbytes={}, shared={0: 12.0, 1: 11.0})
+    assert profile.speedup_bound(2) == pytest.approx(2 * 13 / (10 + 11))
+    assert profile.speedup_bound(1) == 1.0
+    # Perfect scaling leaves nothing to gain from co-running.
+    assert KernelProfile(one={0: 10.0}, full={0: 5.0}, nbytes={}).speedup_bound(2) == pytest.approx(1.0)
+
+
+def test_search_report_states_the_profile_bound(searched):
+    report = searched[0].search_report
+    assert report.speedup_bound is not None and report.speedup_bound >= 1.0
+    assert "estimate of the most any schedule gains over sequential" in report.summary()

@@ -48,6 +48,20 @@ class KernelProfile:
             return 1.0
         return float(np.clip(self.shared[kernel] / self.one[kernel], 1.0, 4.0))
 
+    def speedup_bound(self, cores: int) -> float:
+        """The most any schedule on ``cores`` cores could gain over running every kernel on all of them,
+        one after another, if each kernel runs either on all cores or on one core beside the others
+        (at its measured co-running speed), the cores perfectly packed and no wait ever stalling.
+
+        An estimate from kernels timed back to back, not a hard limit: it misses what overlapping
+        saves beyond that (e.g. one tenant's cold weights loading while another computes)."""
+        full = sum(self.full.values())
+        if cores <= 1 or full <= 0.0:
+            return 1.0
+        # Core-time: a kernel on all cores occupies them all; one on one core, only that one.
+        core_time = sum(min(cores * self.full[k], self.shared.get(k, self.one[k])) for k in self.full)
+        return cores * full / core_time
+
     def latency(self, kernel: int, threads: int, cores: int) -> float:
         if threads >= cores or cores <= 1:
             return self.full[kernel]
@@ -76,6 +90,7 @@ class SearchReport:
     measured: list[Candidate] = field(default_factory=list)
     rank_correlation: float | None = None
     seconds: float = 0.0
+    speedup_bound: float | None = None  # KernelProfile.speedup_bound for the bundle's cores
 
     def summary(self) -> str:
         lines = [
@@ -88,6 +103,10 @@ class SearchReport:
         if self.rank_correlation is not None:
             lines.append(
                 f"  cost model rank correlation (predicted vs measured, Spearman): {self.rank_correlation:.2f}"
+            )
+        if self.speedup_bound is not None:
+            lines.append(
+                f"  kernel profile's estimate of the most any schedule gains over sequential: {self.speedup_bound:.2f}x"
             )
         return "\n".join(lines)
 
@@ -472,6 +491,7 @@ def search(
         measured=measured,
         rank_correlation=rho,
         seconds=time.time() - start,
+        speedup_bound=profile.speedup_bound(bundle.schedule.cores),
     )
 
 
