@@ -49,35 +49,12 @@ def _bn_scale_shift(attrs, gamma, beta, mean, var) -> tuple[np.ndarray, np.ndarr
     return scale, beta - mean * scale
 
 
-@relax.transform.function_pass(opt_level=0, name="cosched.FoldBatchNormIntoConv")
-def _fold_bn_into_conv(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> relax.Function:
-    # relax.transform.FoldBatchnormToConv2D builds the folded weights as Relax ops that FoldConstant
-    # then compiles one by one (19 s for ResNet-50); numpy gives the same float32 values at once.
-    data, weight = wildcard(), is_const()
-    conv = is_op("relax.nn.conv2d")(data, weight)
-    params = [is_const() for _ in range(4)]
-    norm = is_op("relax.nn.batch_norm")(conv, *params)
-    pattern = TupleGetItemPattern(norm, 0)
-
-    def rewriter(expr, matches):
-        conv_attrs, bn_attrs = matches[conv].attrs, matches[norm].attrs
-        if (conv_attrs.data_layout, conv_attrs.kernel_layout, int(bn_attrs.axis)) != ("NCHW", "OIHW", 1):
-            return expr
-        w = matches[weight].value.numpy()
-        if w.dtype != np.float32:
-            return expr
-        scale, shift = _bn_scale_shift(bn_attrs, *(matches[p].value.numpy() for p in params))
-        folded = relax.Call(matches[conv].op, [matches[data], relax.const(w * scale.reshape(-1, 1, 1, 1))], conv_attrs)
-        return relax.op.add(folded, relax.const(shift.reshape(1, -1, 1, 1)))
-
-    return rewrite_call(pattern, rewriter, func)
-
-
 @relax.transform.function_pass(opt_level=0, name="cosched.BatchNormToAffine")
 def _bn_to_affine(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> relax.Function:
-    # A batch norm that follows no convolution is x * scale + shift; DecomposeOpsForInference would
-    # leave (x - mean) / sqrt(var + eps) * gamma + beta with per-channel constants of rank 3 (C, 1, 1),
-    # four kernel inputs instead of two, which ConvertLayout cannot carry to NHWC.
+    # A batch norm is x * scale + shift (after a convolution the scale then folds into its weights,
+    # _scale_into_conv); DecomposeOpsForInference would leave (x - mean) / sqrt(var + eps) * gamma + beta
+    # with per-channel constants of rank 3 (C, 1, 1), four kernel inputs instead of two, which
+    # ConvertLayout cannot carry to NHWC.
     data = wildcard()
     params = [is_const() for _ in range(4)]
     norm = is_op("relax.nn.batch_norm")(data, *params)
@@ -167,6 +144,8 @@ def _fold_affine_chains(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.tran
 
 def _scale_into_conv(func: relax.Function) -> relax.Function:
     """conv2d(x, W) * c = conv2d(x, W c) for a per-output-channel (or scalar) constant c."""
+    # relax.transform.FoldBatchnormToConv2D builds the folded weights as Relax ops that FoldConstant
+    # then compiles one by one (19 s for ResNet-50); numpy gives the same float32 values at once.
     data, weight, scale = wildcard(), is_const(), is_const()
     conv = is_op("relax.nn.conv2d")(data, weight)
     pattern = _either_order("relax.multiply", conv, scale)
@@ -227,7 +206,6 @@ def SimplifyInference() -> tvm.transform.Pass:  # noqa: N802
     # in batch-norm, ReLU and Sum kernels that a convolution's epilogue does for free.
     return tvm.transform.Sequential(
         [
-            _fold_bn_into_conv,
             _bn_to_affine,
             _remove_dropout,
             _rank_constants,
