@@ -51,9 +51,10 @@ def executor_at(rev: str, tmp: Path) -> Path:
 def gaps(bundle: Bundle, inputs, runs: int) -> str:
     sums, spans = [], []
     for _ in range(runs):
-        events = bundle.profile(inputs).events
+        trace = bundle.profile(inputs)
+        events = trace.events
         sums.append(sum(e.end_us - e.start_us for e in events) / 1e3)
-        spans.append((max(e.end_us for e in events) - min(e.start_us for e in events)) / 1e3)
+        spans.append(trace.span_us / 1e3)
     ks, sp = float(np.median(sums)), float(np.median(spans))
     return f"kernels {len(events)}, kernel sum {ks:.3f} ms, span {sp:.3f} ms, gap {1e3 * (sp - ks) / len(events):.2f} us/kernel"
 

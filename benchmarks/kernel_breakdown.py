@@ -31,11 +31,11 @@ def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], float, int
     kinds: dict[str, float] = collections.defaultdict(float)
     span = 0.0
     for _ in range(repeat):
-        events = bundle.profile(inputs).events
-        span += (max(e.end_us for e in events) - min(e.start_us for e in events)) / 1e3
-        for event in events:
+        trace = bundle.profile(inputs)
+        span += trace.span_us / 1e3
+        for event in trace.events:
             kinds[re.sub(r"\d+", "", event.func).removesuffix("_prepacked")] += (event.end_us - event.start_us) / 1e3
-    return {k: v / repeat for k, v in kinds.items()}, span / repeat, len(events)
+    return {k: v / repeat for k, v in kinds.items()}, span / repeat, len(trace.events)
 
 
 def ort_kinds(session_bytes: bytes, feed, threads: int, repeat: int) -> dict[str, float]:

@@ -32,6 +32,11 @@ class Trace:
     def makespan_us(self) -> float:
         return max((e.end_us for e in self.events), default=0.0)
 
+    @property
+    def span_us(self) -> float:
+        """From the first kernel's start to the last one's end: the makespan less the wait before the first."""
+        return max((e.end_us for e in self.events), default=0.0) - min((e.start_us for e in self.events), default=0.0)
+
     def busy_us(self, stream: int) -> float:
         return sum(e.end_us - e.start_us for e in self.events if e.stream == stream)
 

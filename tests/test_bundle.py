@@ -206,3 +206,12 @@ def test_concurrent_streams_overlap():
         b = [(e.start_us, e.end_us) for e in trace.events if e.stream == 1]
         overlaps += sum(1 for s0, e0 in a for s1, e1 in b if s0 < e1 and s1 < e0)
     assert overlaps > 0
+
+
+def test_trace_span_starts_at_the_first_kernel():
+    from cosched.runtime.trace import Trace, TraceEvent
+
+    events = [TraceEvent(0, "f", "a", 0, 5.0, 10.0), TraceEvent(1, "g", "b", 1, 12.0, 20.0)]
+    trace = Trace(events=events, num_streams=2, tenants=["a", "b"])
+    assert trace.makespan_us == 20.0 and trace.span_us == 15.0
+    assert Trace(events=[], num_streams=1, tenants=[]).span_us == 0.0
