@@ -379,3 +379,50 @@ def test_transfer_seeds_a_new_workload_from_its_family(tmp_path):
         for db in (None, tmp_path)
     ]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_runner_times_candidates_on_the_target_cores():
+    """TVM's pool defaults to half the cores: the runner's worker must be told the target's count."""
+    runner = tuning._local_runner(3, cache_flush=False)
+    try:
+        assert runner.pool.submit(os.getenv, "TVM_NUM_THREADS").result() == "3"
+    finally:
+        runner.pool.shutdown()
+
+
+def _as_measured_elsewhere(work_dir: Path, secs: float) -> None:
+    """Make ``work_dir`` look tuned before cosched recorded the thread count, each record timed at ``secs``."""
+    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    del meta["threads"]
+    (work_dir / tuning.META_FILE).write_text(json.dumps(meta))
+    lines = []
+    for line in (work_dir / tuning.RECORD_FILE).read_text().splitlines():
+        rec = json.loads(line)
+        rec[1][1] = [secs]
+        lines.append(json.dumps(rec))
+    (work_dir / tuning.RECORD_FILE).write_text("\n".join(lines) + "\n")
+
+
+def test_database_measured_on_other_threads_is_timed_again(tuned, mods, tmp_path):
+    work_dir = tmp_path / "db"
+    shutil.copytree(tuned[0], work_dir)
+    assert json.loads((work_dir / tuning.META_FILE).read_text())["threads"] == tuning._num_cores(TARGET)
+    _as_measured_elsewhere(work_dir, 1.0)
+    report = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
+    assert report.records_remeasured == 2 and report.trials_run == 0  # timed again, not tuned again
+    assert all(us < 1e5 for us in report.best_us.values())  # the stale 1 s timings are gone
+    assert json.loads((work_dir / tuning.META_FILE).read_text())["threads"] == tuning._num_cores(TARGET)
+    assert sorted(records_by_workload(work_dir).values()) == [1, 1]
+    again = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
+    assert again.records_remeasured == 0
+
+
+def test_remeasure_that_times_nothing_leaves_the_database(tuned, tmp_path, monkeypatch):
+    work_dir = tmp_path / "db"
+    shutil.copytree(tuned[0], work_dir)
+    _as_measured_elsewhere(work_dir, 1.0)
+    before = {f: (work_dir / f).read_bytes() for f in (tuning.RECORD_FILE, tuning.META_FILE)}
+    monkeypatch.setattr(tuning, "_mean_us", lambda result: None)  # every run failed
+    with pytest.raises(CoschedError, match="could be timed again"):
+        tuning.remeasure_database(work_dir, TARGET)
+    assert {f: (work_dir / f).read_bytes() for f in before} == before

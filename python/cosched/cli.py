@@ -115,6 +115,10 @@ def _tune(args: argparse.Namespace) -> int:
         f"from same-family workloads; {report.tasks_left} not reached; "
         f"database in {args.work_dir}"
     )
+    if report.records_remeasured:
+        print(
+            f"first timed its {report.records_remeasured} records again: they had been measured on another thread count"
+        )
     if args.schedule:
         from .compiler import compile as compile_bundle
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -109,6 +110,8 @@ class TuneReport:
     """Trials the early stops did not spend."""
     trials_transferred: int = 0
     """Trials spent measuring schedules transferred from tuned workloads of the same family."""
+    records_remeasured: int = 0
+    """Records timed again because the database had been measured at another thread count."""
     work_dir: str = ""
 
     @property
@@ -579,6 +582,94 @@ def _num_cores(target: tvm.target.Target) -> int:
     return int(cores) if cores else max(1, os.cpu_count() or 1)
 
 
+def _failed(result: ms.runner.RunnerResult | str) -> bool:
+    return isinstance(result, str) or _mean_us(result) is None
+
+
+def _measure_on_threads(threads: int) -> None:
+    """Runner worker initializer: time candidates on ``threads`` threads, as a bundle runs them.
+
+    TVM's pool defaults to half the cores (one on a 2-core host), so without this every candidate
+    was timed on one thread and the search favoured schedules that do not scale to the target's cores.
+    """
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.environ["TVM_BIND_THREADS"] = "0"  # as cosched.runtime runs kernels
+
+
+def _local_runner(cores: int, cache_flush: bool) -> ms.runner.LocalRunner:
+    """MetaSchedule's local runner, its worker timing every candidate on ``cores`` threads."""
+    return ms.runner.LocalRunner(
+        evaluator_config=ms.runner.EvaluatorConfig(enable_cpu_cache_flush=True) if cache_flush else None,
+        initializer=functools.partial(_measure_on_threads, cores),
+    )
+
+
+def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, cache_flush: bool = False) -> int:
+    """Time each workload's best record again if ``work_dir`` was measured at another thread count.
+
+    Latencies taken on one thread and on all the target's cores cannot be compared, so a database
+    keeps its measuring thread count in ``cosched_target.json`` (``threads``; absent: measured before
+    cosched recorded it, at TVM's default). Only the best record per workload is kept and retimed
+    (one build and run each); a record that no longer builds or runs is dropped and its workload's
+    trial count cleared, so tuning covers it again. Returns how many records were timed; 0 when the
+    database already matches. The files are replaced only when every record has been timed.
+    """
+    path = Path(work_dir)
+    cores = _num_cores(target)
+    meta = _read_meta(path)
+    if meta.get("threads") == cores or not (path / RECORD_FILE).is_file():
+        return 0
+    db = open_database(path)
+    best = {}
+    for rec in db.get_all_tuning_records():
+        key = shash2hex(rec.workload.mod)
+        if key not in best and (top := db.get_top_k(rec.workload, 1)):
+            best[key] = top[0]
+    records = list(best.values())
+    logger.info("timing %d records again on %d threads (measured at %s)", len(records), cores, meta.get("threads"))
+    builder = _PooledBuilder(max_workers=cores)
+    runner = _local_runner(cores, cache_flush)
+    try:
+        candidates = [rec.as_measure_candidate() for rec in records]
+        built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+        device = tvm.runtime.device(target.get_target_device_type()).type
+        inputs = [
+            ms.runner.RunnerInput(b.artifact_path, device, c.args_info)
+            for b, c in zip(built, candidates, strict=True)
+            if b.error_msg is None
+        ]
+        results = iter([f.result() for f in runner.run(inputs)])
+        timed = [next(results) if b.error_msg is None else b.error_msg for b in built]
+    finally:
+        builder.shutdown()
+        runner.pool.shutdown()
+    # A build error (str), a run error, or a run without a valid time.
+    failures = [res if isinstance(res, str) else res.error_msg or "no valid time" for res in timed if _failed(res)]
+    if records and len(failures) == len(records):
+        raise CoschedError(
+            f"none of the {len(records)} records in {path} could be timed again: {failures[0][:300]}",
+            hint="check that this machine can run the target's code; the database was left as it was",
+        )
+    trials = meta.setdefault("trials", {})
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        fresh = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
+        for rec, res in zip(records, timed, strict=True):
+            if _failed(res):
+                trials.pop(shash2hex(rec.workload.mod), None)
+                logger.warning("dropped a record that no longer builds or runs: %s", str(res)[:300])
+                continue
+            workload = fresh.commit_workload(rec.workload.mod)
+            fresh.commit_tuning_record(
+                ms.database.TuningRecord(rec.trace, workload, res.run_secs, target, rec.args_info)
+            )
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            os.chmod(Path(tmp) / name, 0o644)
+            os.replace(Path(tmp) / name, path / name)
+    meta["threads"] = cores
+    _write_meta(path, meta)
+    return len(records)
+
+
 @dataclass(frozen=True)
 class SearchSize:
     """How many schedules the evolutionary search samples and evolves to pick the ones it measures.
@@ -621,6 +712,8 @@ def _prepare_work_dir(path: Path, target: tvm.target.Target) -> dict:
     meta = _read_meta(path)
     meta["target"] = target_key(target)
     meta.setdefault("trials", {})
+    if not has_db:
+        meta["threads"] = _num_cores(target)  # remeasure_database compares the next runs' with it
     _write_meta(path, meta)
     return meta
 
@@ -712,8 +805,9 @@ def tune_modules(
     ``database`` is ``work_dir``'s database if already open (``open_database``): opening replays
     every record, so callers that tune in several calls open it once.
 
-    Candidates are measured in a subprocess with the TVM runtime's default thread count (half
-    the cores unless ``TVM_NUM_THREADS`` says otherwise), i.e. as the kernels run by default.
+    Candidates are measured in a subprocess on the target's ``num-cores`` threads (default: all
+    cores), as a bundle runs kernels on a stream with the whole budget. A database measured on
+    another thread count has its records timed again first (``remeasure_database``).
     ``cache_flush`` evicts every argument but the first (weights, not the input) from the CPU caches
     before each timed run, as the other tenants' kernels do in a bundle; its latencies are not
     comparable with records measured warm, so a database should be tuned one way throughout.
@@ -724,6 +818,15 @@ def tune_modules(
     start = time.monotonic()
     path = Path(work_dir)
     meta = _prepare_work_dir(path, target)
+    remeasured = 0
+    if database is None:
+        remeasured = remeasure_database(path, target, cache_flush)
+        meta = _read_meta(path)
+    elif meta.get("threads") != _num_cores(target):
+        raise CoschedError(
+            f"the database at {path} was measured on {meta.get('threads')} threads, not {_num_cores(target)}",
+            hint="call remeasure_database before opening it, or let tune_modules open it",
+        )
     tasks = extract_tasks(mods, target, names)
     tasks.sort(key=lambda t: t.cost, reverse=True)
     db = open_database(path) if database is None else database
@@ -744,6 +847,7 @@ def tune_modules(
         trials_run=0,
         seconds=0.0,
         tasks_skipped=len(tasks) - len(plan.todo),
+        records_remeasured=remeasured,
         work_dir=str(path),
     )
     if plan.todo:
@@ -816,9 +920,7 @@ def _tune_plan(
     """Tune ``plan.todo`` in order until done or out of budget; counts go into ``report``."""
     cores = _num_cores(target)
     builder = _PooledBuilder(max_workers=cores)
-    runner = ms.runner.LocalRunner(
-        evaluator_config=ms.runner.EvaluatorConfig(enable_cpu_cache_flush=True) if plan.cache_flush else None
-    )
+    runner = _local_runner(cores, plan.cache_flush)
     # One cost model for all tasks. It predicts at random until it has seen num_warmup_samples
     # measurements; MetaSchedule's 100 would leave the first dozen tasks to chance here.
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores, num_warmup_samples=min(100, 4 * trials_per_task))
@@ -963,6 +1065,7 @@ def tune(
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
     _prepare_work_dir(Path(work_dir), tgt)  # refuses another target's database before opening it
+    remeasured = remeasure_database(work_dir, tgt, cache_flush)
     # Opened once for all passes: opening replays every record.
     db = open_database(work_dir)
     reports = []
@@ -988,5 +1091,6 @@ def tune(
     # The last pass's report describes the database; what was spent adds up over the passes.
     for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred"):
         setattr(report, name, sum(getattr(r, name) for r in reports))
+    report.records_remeasured = remeasured
     report.seconds = time.monotonic() - start
     return report
