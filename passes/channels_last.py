@@ -7,6 +7,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from .graph import static_shape
+
 DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 """Data and kernel layout of every 2-D convolution after ``ChannelsLast``."""
 
@@ -55,11 +57,11 @@ def _shuffle_channels_last(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.t
         return None if call.attrs.axes is None else [int(a) for a in call.attrs.axes]
 
     def rewriter(expr, matches):
-        shape = _static_shape(matches[data])
+        shape = static_shape(matches[data].ty)
         if shape is None or len(shape) != 4:
             return expr
         n, h, w, c = shape
-        split_shape = _static_shape(matches[split])
+        split_shape = static_shape(matches[split].ty)
         if (
             axes(matches[to_nchw]) != [0, 3, 1, 2]
             or axes(matches[swap]) != [0, 2, 1, 3, 4]
@@ -67,7 +69,7 @@ def _shuffle_channels_last(func: relax.Function, _mod: tvm.IRModule, _ctx: tvm.t
             or split_shape is None
             or len(split_shape) != 5
             or [split_shape[0], split_shape[1] * split_shape[2], *split_shape[3:]] != [n, c, h, w]
-            or _static_shape(matches[merge]) != [n, c, h, w]
+            or static_shape(matches[merge].ty) != [n, c, h, w]
         ):
             return expr
         groups = split_shape[1]

@@ -30,6 +30,16 @@ CALL_WAITS = "cosched.waits"
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
+def static_shape(ty: relax.Type) -> list[int] | None:
+    """The dimensions of a tensor type with a concrete shape; None for any other type."""
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return [int(d) for d in ty.shape.values]
+    except TypeError:  # a symbolic dimension
+        return None
+
+
 @dataclass
 class Node:
     """One binding of main's dataflow block."""

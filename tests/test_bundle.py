@@ -91,6 +91,17 @@ def test_symbolic_shapes_need_shapes_argument(tiny_models):
     assert tenant.inputs[0].shape == (2, 3, 16, 16)
 
 
+def test_relax_tenant_needs_static_shapes():
+    from tvm import relax, tirx
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tirx.Var("n", "int64"), 4], "float32"))
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(relax.op.nn.relu(x)))
+    with pytest.raises(CoschedError, match=r"tenant 'sym'.*parameter x is not a tensor of static shape"):
+        cosched.from_relax(bb.get(), name="sym")
+
+
 def test_eight_threads_share_one_bundle(tiny_bundle, tiny_tenants, tiny_expected):
     inputs = [make_inputs(tiny_tenants, seed=s) for s in range(8)]
     expected = [tiny_bundle.run(i) for i in inputs]

@@ -23,6 +23,7 @@ from cosched.passes.graph import (
     CALL_WAITS,
     is_kernel_call,
     main_block,
+    static_shape,
 )
 
 from .errors import CoschedError
@@ -38,10 +39,9 @@ def _tensor_types(ty) -> list[relax.TensorType]:
 
 
 def _shape(ty: relax.TensorType) -> list[int]:
-    try:
-        return [int(d) for d in ty.shape.values]
-    except TypeError:
-        raise CoschedError(f"symbolic shape {ty.shape}", hint="give every input a concrete shape") from None
+    if (shape := static_shape(ty)) is None:
+        raise CoschedError(f"symbolic shape {ty.shape}", hint="give every input a concrete shape")
+    return shape
 
 
 def extract_schedule(mod: tvm.IRModule) -> tuple[Schedule, dict[int, np.ndarray]]:

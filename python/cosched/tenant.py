@@ -151,23 +151,18 @@ def from_relax(mod: tvm.IRModule, name: str, input_names: list[str] | None = Non
     main = mod["main"]
     if not isinstance(main, relax.Function):
         raise CoschedError("'main' is not a Relax function", tenant=label, hint="pass a Relax IRModule")
+    from cosched.passes.graph import static_shape  # cosched.passes imports this module
+
     specs = []
     for i, param in enumerate(main.params):
         ty = param.ty
-        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        if (dims := static_shape(ty)) is None:
             raise CoschedError(
-                f"parameter {param.name} is not a tensor of known shape",
+                f"parameter {param.name} is not a tensor of static shape",
                 tenant=label,
-                hint="give every input of main a static tensor shape",
+                hint="give every input of main a concrete tensor shape (bind symbolic ones first)",
             )
-        try:
-            shape = tuple(int(d) for d in ty.shape.values)
-        except TypeError:
-            raise CoschedError(
-                f"parameter {param.name} has a symbolic shape",
-                tenant=label,
-                hint="bind symbolic shapes before passing the module",
-            ) from None
+        shape = tuple(dims)
         pname = input_names[i] if input_names else param.name
         specs.append(TensorSpec(pname, shape, str(ty.dtype)))
     return Tenant(name=label, mod=mod, inputs=specs, outputs=[])
