@@ -112,7 +112,8 @@ def _tune(args: argparse.Namespace) -> int:
         f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
         f"{report.trials_run} trials in {report.seconds / 60:.1f} min; {report.tasks_stopped_early} stopped early "
         f"({report.trials_saved} trials saved); {report.trials_transferred} trials on schedules transferred "
-        f"from same-family workloads; {report.tasks_left} not reached; "
+        f"from same-family workloads, {report.trials_injective} on cosched's element-wise schedules; "
+        f"{report.tasks_left} not reached; "
         f"database in {args.work_dir}"
     )
     if report.records_remeasured:

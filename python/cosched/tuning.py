@@ -45,6 +45,7 @@ from tvm.s_tir.meta_schedule.utils import shash2hex
 from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from .errors import CoschedError
+from .injective_schedule import injective_candidates
 from .target import target_key
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class TuneReport:
     """Trials spent measuring schedules transferred from tuned workloads of the same family."""
     records_remeasured: int = 0
     """Records timed again because the database had been measured at another thread count."""
+    trials_injective: int = 0
+    """Trials spent measuring ``injective_candidates`` schedules of element-wise and concat kernels."""
     work_dir: str = ""
 
     @property
@@ -334,6 +337,7 @@ def compact_database(
             meta = _read_meta(path)
             keys = {t.key for t in keep}
             meta["trials"] = {k: n for k, n in meta.get("trials", {}).items() if k in keys}
+            meta["injective"] = [k for k in meta.get("injective", []) if k in keys]
             _write_meta(path, meta)
         kept = len(pruned.get_all_tuning_records())
         workloads = (Path(tmp) / WORKLOAD_FILE).read_text().splitlines()
@@ -473,16 +477,18 @@ class _Guided(ms.search_strategy.PySearchStrategy):
         best_us: float | None,
         outcome: dict,
         donors: list | None = None,
+        injective: bool = False,
     ) -> None:
         super().__init__()
         self.inner, self.patience, self.min_gain = inner, patience, min_gain
         self.best_us = best_us
         self.stale = 0  # trials since the last real improvement
         self.donors = list(donors or [])  # traces of tuned workloads of the same family
+        self.injective = injective  # measure injective_candidates first
         self.context = None
         # Shared with clones (TuneContext clones its strategy): how the task ended, for the report.
         self.outcome = outcome
-        self.outcome.update(stopped=False, measured=0, transferred=0)
+        self.outcome.update(stopped=False, measured=0, transferred=0, injective=0)
 
     def _initialize_with_tune_context(self, context) -> None:
         self.context = context
@@ -497,13 +503,18 @@ class _Guided(ms.search_strategy.PySearchStrategy):
     def generate_measure_candidates(self):
         if self.outcome["stopped"]:
             return None
+        first = []
         if self.donors:
             donors, self.donors = self.donors, []
-            transferred = transfer_candidates(self.context, donors)
-            self.outcome["transferred"] = len(transferred)
-            if transferred:
-                return transferred
-        return self.inner.generate_measure_candidates()
+            first = transfer_candidates(self.context, donors)
+            self.outcome["transferred"] = len(first)
+        if self.injective:
+            self.injective = False
+            own = [_candidate(self.context, sch) for sch in injective_candidates(self.context.mod)]
+            own = [c for c in own if c is not None]
+            self.outcome["injective"] = len(own)
+            first += own
+        return first or self.inner.generate_measure_candidates()
 
     def notify_runner_results(self, measure_candidates, results) -> None:
         self.inner.notify_runner_results(measure_candidates, results)
@@ -518,7 +529,9 @@ class _Guided(ms.search_strategy.PySearchStrategy):
         self.outcome["stopped"] = self.patience is not None and self.stale >= self.patience
 
     def clone(self):
-        return _Guided(self.inner.clone(), self.patience, self.min_gain, self.best_us, self.outcome, self.donors)
+        return _Guided(
+            self.inner.clone(), self.patience, self.min_gain, self.best_us, self.outcome, self.donors, self.injective
+        )
 
 
 def family(task: TaskInfo) -> str:
@@ -558,14 +571,23 @@ def transfer_candidates(context: ms.TuneContext, traces: Sequence) -> list[ms.Me
 
         try:
             trace.apply_to_schedule(sch, remove_postproc=True, decision_provider=refit)
-            # The marker lets a later replay (the search's initial population) drop these again.
-            sch.enter_postproc()
-            if not all(post.apply(sch) for post in context.space_generator.postprocs):
-                continue
         except Exception:  # TVM raises many kinds for a trace that does not fit
             continue
-        out.append(ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+        if (candidate := _candidate(context, sch)) is not None:
+            out.append(candidate)
     return out
+
+
+def _candidate(context: ms.TuneContext, sch: tvm.s_tir.Schedule) -> ms.MeasureCandidate | None:
+    """``sch`` post-processed as the task's own candidates are; None if a post-processor rejects it."""
+    try:
+        # The marker lets a later replay (the search's initial population) drop these again.
+        sch.enter_postproc()
+        if not all(post.apply(sch) for post in context.space_generator.postprocs):
+            return None
+    except Exception:  # as in transfer_candidates
+        return None
+    return ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
 
 
 def _mean_us(result: ms.runner.RunnerResult) -> float | None:
@@ -655,7 +677,10 @@ def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, c
         fresh = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
         for rec, res in zip(records, timed, strict=True):
             if _failed(res):
-                trials.pop(shash2hex(rec.workload.mod), None)
+                key = shash2hex(rec.workload.mod)
+                trials.pop(key, None)
+                if key in meta.get("injective", []):
+                    meta["injective"].remove(key)
                 logger.warning("dropped a record that no longer builds or runs: %s", str(res)[:300])
                 continue
             workload = fresh.commit_workload(rec.workload.mod)
@@ -712,6 +737,7 @@ def _prepare_work_dir(path: Path, target: tvm.target.Target) -> dict:
     meta = _read_meta(path)
     meta["target"] = target_key(target)
     meta.setdefault("trials", {})
+    meta.setdefault("injective", [])
     if not has_db:
         meta["threads"] = _num_cores(target)  # remeasure_database compares the next runs' with it
     _write_meta(path, meta)
@@ -832,7 +858,10 @@ def tune_modules(
     db = open_database(path) if database is None else database
     on_disk = _records_per_workload(db, tasks)
     done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
-    todo = [t for t in tasks if done[t.key] < trials_per_task]
+    # Injective kernels get cosched's own schedules measured once, also in a database tuned before
+    # they existed: their trials come on top of the task's.
+    injective = {t.key: n for t in tasks if t.key not in meta["injective"] and (n := len(injective_candidates(t.mod)))}
+    todo = [t for t in tasks if done[t.key] < trials_per_task or t.key in injective]
     best = {t.key: _best_us(db, t) for t in todo}
     # FLOPs say little about time once a kernel is tuned (a depthwise conv has few and still takes
     # long): a measured kernel ranks by the time it takes per inference, after every unmeasured one.
@@ -840,7 +869,7 @@ def tune_modules(
     families: dict[str, list[TaskInfo]] = {}
     for t in tasks if transfer else []:
         families.setdefault(family(t), []).append(t)
-    plan = _Plan(path, meta, db, done, todo, patience, min_gain, search, families, cache_flush)
+    plan = _Plan(path, meta, db, done, todo, patience, min_gain, search, families, cache_flush, injective)
     report = TuneReport(
         tasks_total=sum(len(t.users) for t in tasks),
         tasks_deduped=len(tasks),
@@ -890,6 +919,8 @@ class _Plan:
     families: dict[str, list[TaskInfo]] = field(default_factory=dict)
     """All tasks by :func:`family`, for transfer; empty: no transfer."""
     cache_flush: bool = False
+    injective: dict[str, int] = field(default_factory=dict)
+    """Tasks whose ``injective_candidates`` are still to be measured: how many there are."""
 
     def donors(self, task: TaskInfo, most: int) -> list:
         """Best traces of up to ``most`` other workloads of the task's family, closest in work first."""
@@ -936,14 +967,17 @@ def _tune_plan(
                 best = _best_us(plan.db, task)
                 bar.start_task(task, best)
                 t0 = time.monotonic()
-                trials = trials_per_task - plan.done[task.key]
+                own = plan.injective.get(task.key, 0)
+                trials = max(0, trials_per_task - plan.done[task.key]) + own
                 early = plan.patience is not None and plan.patience < trials
                 batch = max(1, plan.patience // 2) if early else min(trials, 64)
                 strategy, outcome = plan.search.strategy(batch), {}
                 # A workload new to the database starts from its tuned relatives' best schedules.
                 donors = plan.donors(task, max(1, trials // 2)) if plan.done[task.key] == 0 else []
-                if early or donors:
-                    strategy = _Guided(strategy, plan.patience if early else None, plan.min_gain, best, outcome, donors)
+                if early or donors or own:
+                    strategy = _Guided(
+                        strategy, plan.patience if early else None, plan.min_gain, best, outcome, donors, own > 0
+                    )
                 ctx = ms.TuneContext(
                     mod=task.mod,
                     target=target,
@@ -960,9 +994,12 @@ def _tune_plan(
                     report.tasks_stopped_early += 1
                     report.trials_saved += trials - outcome["measured"]
                 report.trials_transferred += outcome.get("transferred", 0)
+                report.trials_injective += outcome.get("injective", 0)
                 # The records are on disk already; this marks the task complete for a rerun. A
                 # search that ran out of new candidates early is complete too.
-                plan.meta["trials"][task.key] = trials_per_task
+                plan.meta["trials"][task.key] = max(trials_per_task, plan.done[task.key])
+                if own:
+                    plan.meta["injective"].append(task.key)
                 _write_meta(plan.path, plan.meta)
                 bar.task_done()
     finally:
