@@ -88,7 +88,7 @@ def concat_affine_model():
 def test_tuning_measures_them_once_also_in_a_database_tuned_before(tmp_path):
     tenant = load_onnx(concat_affine_model(), name="t")
     mod = LowerKernels(TARGET)(tenant.mod)
-    first = tuning.tune_modules([mod], TARGET, tmp_path, trials_per_task=2, names=["t"], progress=False)
+    first = tuning.tune([tenant], TARGET, tmp_path, trials=2, progress=False)
     assert first.trials_injective >= 1
     meta_path = tmp_path / tuning.META_FILE
     meta = json.loads(meta_path.read_text())

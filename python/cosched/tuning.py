@@ -1126,7 +1126,7 @@ def tune(
         reports.append(report)
     compact_database(work_dir, keep=extract_tasks(mods, tgt, names) if prune else None, database=db)
     # The last pass's report describes the database; what was spent adds up over the passes.
-    for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred"):
+    for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred", "trials_injective"):
         setattr(report, name, sum(getattr(r, name) for r in reports))
     report.records_remeasured = remeasured
     report.seconds = time.monotonic() - start
