@@ -110,3 +110,10 @@ def test_tuning_measures_them_once_also_in_a_database_tuned_before(tmp_path):
         for db in (None, tmp_path)
     ]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_symbolic_innermost_extent_gets_none():
+    n = tvm.tirx.Var("n", "int64")
+    x = te.placeholder((64, n), name="x")
+    y = te.compute((64, n), lambda i, j: x[i, j] * 2.0, name="y")
+    assert injective_candidates(tvm.IRModule({"main": te.create_prim_func([x, y])})) == []

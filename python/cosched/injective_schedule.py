@@ -36,8 +36,10 @@ def injective_candidates(mod: tvm.IRModule, widths: Sequence[int] = VECTOR_WIDTH
             for block in blocks[:-1]:
                 sch.compute_inline(block)
             loops = sch.get_loops(blocks[-1])
-            extent = int(sch.get(loops[-1]).extent)
-            if extent % width:
+            extent = sch.get(loops[-1]).extent
+            if not isinstance(extent, tvm.tirx.IntImm):  # a symbolic extent: no lane count fits for sure
+                return []
+            if int(extent) % width:
                 continue
             if len(loops) > 1:
                 sch.parallel(sch.fuse(*loops[:-1]))
