@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tvm
 from onnx import helper, numpy_helper
-from tvm import relax, te
+from tvm import te
 
 from cosched import tuning
 from cosched.injective_schedule import injective_candidates
@@ -14,6 +14,7 @@ from cosched.models import graph_model
 from cosched.passes import LowerKernels
 from cosched.target import host_target
 from cosched.tenant import load_onnx
+from tests.test_tuning import assert_tuned_computes_as_untuned
 
 TARGET = host_target()
 
@@ -102,14 +103,7 @@ def test_tuning_measures_them_once_also_in_a_database_tuned_before(tmp_path):
     older = tuning.tune_modules([mod], TARGET, tmp_path, trials_per_task=2, names=["t"], progress=False)
     assert older.trials_run == older.trials_injective == first.trials_injective
     # Whichever schedule won, the tuned module computes what the untuned one does.
-    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype("float32")
-    outs = [
-        relax.VirtualMachine(tvm.compile(LowerKernels(TARGET, db)(tenant.mod), TARGET), tvm.cpu())["main"](
-            tvm.runtime.tensor(x)
-        ).numpy()
-        for db in (None, tmp_path)
-    ]
-    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    assert_tuned_computes_as_untuned(tenant, tmp_path, (1, 4, 8, 8))
 
 
 def test_a_symbolic_innermost_extent_gets_none():

@@ -370,13 +370,18 @@ def test_transfer_seeds_a_new_workload_from_its_family(tmp_path):
     # The second conv workload measured its relative's best schedule, refitted, as one of its trials.
     assert report.trials_transferred >= 1
     assert report.trials_run == 2 * report.tasks_tuned + report.trials_injective
-    # Transferred schedules are correct schedules: the tuned module computes what the untuned one does.
-    x = np.random.default_rng(1).standard_normal((1, 4, 16, 16)).astype("float32")
+    # Transferred schedules are correct schedules.
+    assert_tuned_computes_as_untuned(tenant, tmp_path, (1, 4, 16, 16))
+
+
+def assert_tuned_computes_as_untuned(tenant, database: Path, shape: tuple[int, ...]) -> None:
+    """The tenant compiled with ``database`` computes what it does untuned, on one random input."""
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
     outs = [
         relax.VirtualMachine(tvm.compile(LowerKernels(TARGET, db)(tenant.mod), TARGET), tvm.cpu())["main"](
             tvm.runtime.tensor(x)
         ).numpy()
-        for db in (None, tmp_path)
+        for db in (None, database)
     ]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
