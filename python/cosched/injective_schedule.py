@@ -26,26 +26,26 @@ def injective_candidates(mod: tvm.IRModule, widths: Sequence[int] = VECTOR_WIDTH
 
     Empty when the kernel has a reduction, or its blocks do not inline into one loop nest.
     """
-    out = []
-    for width in widths:
-        sch = tvm.s_tir.Schedule(mod)
-        try:
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-            if not blocks or not all(_spatial(sch, b) for b in blocks):
-                return []
-            for block in blocks[:-1]:
-                sch.compute_inline(block)
-            loops = sch.get_loops(blocks[-1])
-            extent = sch.get(loops[-1]).extent
-            if not isinstance(extent, tvm.tirx.IntImm):  # a symbolic extent: no lane count fits for sure
-                return []
-            if int(extent) % width:
-                continue
-            if len(loops) > 1:
-                sch.parallel(sch.fuse(*loops[:-1]))
-            _, lanes = sch.split(loops[-1], [None, width])
-            sch.vectorize(lanes)
-        except tvm.error.TVMError:  # a block that does not inline: MetaSchedule's own space covers it
+    sch = tvm.s_tir.Schedule(mod)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if not blocks or not all(_spatial(sch, b) for b in blocks):
             return []
-        out.append(sch)
+        for block in blocks[:-1]:
+            sch.compute_inline(block)
+    except tvm.error.TVMError:  # a block that does not inline: MetaSchedule's own space covers it
+        return []
+    loops = sch.get_loops(blocks[-1])
+    extent = sch.get(loops[-1]).extent
+    if not isinstance(extent, tvm.tirx.IntImm):  # a symbolic extent: no lane count fits for sure
+        return []
+    out = []
+    # One analysis and inlining, then a copy per lane count (random variables stay valid in a copy).
+    for width in (w for w in widths if int(extent) % w == 0):
+        candidate = sch.copy()
+        if len(loops) > 1:
+            candidate.parallel(candidate.fuse(*loops[:-1]))
+        _, lanes = candidate.split(loops[-1], [None, width])
+        candidate.vectorize(lanes)
+        out.append(candidate)
     return out
