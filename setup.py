@@ -25,6 +25,7 @@ setup(
         "xgboost-cpu",
         "cloudpickle",
         "psutil",
+        "scipy",
         "matplotlib",
         "tqdm",
     ],

@@ -49,6 +49,7 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 import numpy as np
 import onnx
+import scipy.stats
 import tvm
 from tvm import relax
 
@@ -58,6 +59,7 @@ from .tenant import Tenant
 __all__ = [
     "Contender",
     "Result",
+    "Speedup",
     "compile_tenant",
     "format_table",
     "header",
@@ -66,6 +68,7 @@ __all__ = [
     "ort_sequential",
     "relax_vm_concurrent",
     "relax_vm_sequential",
+    "speedup",
     "split_threads",
     "to_json",
 ]
@@ -129,6 +132,58 @@ class Result:
     @property
     def iqr_ms(self) -> float:
         return self.p75 - self.p25
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """How many times faster one contender ran than another, with a confidence interval."""
+
+    value: float
+    """The baseline's median time over this contender's (> 1: this one is faster)."""
+    low: float = float("nan")
+    high: float = float("nan")
+
+    def __str__(self) -> str:
+        return format(self, "")
+
+    def __format__(self, spec: str) -> str:
+        """``"1.09 [1.02-1.15]"``; spec ``x`` writes ``"1.09x [1.02-1.15]"``, anything else aligns the text."""
+        unit = "x" if spec == "x" else ""
+        text = f"{self.value:.2f}{unit}"
+        if not np.isnan(self.low):
+            text += f" [{self.low:.2f}-{self.high:.2f}]"
+        return text if spec in ("", "x") else format(text, spec)
+
+
+def speedup(base: Result, this: Result, confidence: float = 0.95, seed: int = 0) -> Speedup:
+    """``base`` median over ``this`` median, with a bootstrap interval over the measurement rounds.
+
+    :func:`measure` runs every contender once per round, so two results of one call are resampled
+    by round, in pairs: a slow round (a neighbour's job) slows both samples it holds and largely
+    cancels in the ratio. Results of different calls (unequal counts) are resampled independently.
+    Without at least three samples each there is no interval (``low``, ``high`` are NaN).
+    """
+    value = base.median_ms / this.median_ms if this.median_ms > 0 else float("inf")
+    b, t = np.asarray(base.samples_ms, dtype=float), np.asarray(this.samples_ms, dtype=float)
+    if min(len(b), len(t)) < 3 or not np.isfinite(value):
+        return Speedup(value)
+    if base is this:
+        return Speedup(value, value, value)
+
+    def ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.median(x, axis=axis) / np.median(y, axis=axis)
+
+    ci = scipy.stats.bootstrap(
+        (b, t),
+        ratio,
+        paired=len(b) == len(t),
+        vectorized=True,
+        n_resamples=2000,
+        confidence_level=confidence,
+        method="percentile",  # BCa returns NaN for degenerate (constant) samples
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return Speedup(value, float(ci.low), float(ci.high))
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,7 +818,7 @@ def format_table(results: Sequence[Result], baseline_name: str) -> str:
     by_name = {r.name: r for r in results}
     if baseline_name not in by_name:
         raise CoschedError(f"no result named {baseline_name!r}", hint=f"results are {list(by_name)}")
-    base = by_name[baseline_name].median_ms
+    base = by_name[baseline_name]
     sources = sorted({r.memory_source for r in results if r.memory_bytes is not None})
     marks = {s: "*" * (i + 1) for i, s in enumerate(sources)}
     width = max(len("contender"), *(len(r.name) for r in results))
@@ -772,16 +827,20 @@ def format_table(results: Sequence[Result], baseline_name: str) -> str:
         f"{'speedup (base/this, >1 faster)':>30}  {'memory MiB':>11}"
     )
     rows = [head, "-" * len(head)]
+    intervals = False
     for r in results:
-        speedup = base / r.median_ms if r.median_ms > 0 else float("inf")
+        gain = speedup(base, r)
+        intervals |= not np.isnan(gain.low)
         memory = "-" if r.memory_bytes is None else f"{r.memory_bytes / 2**20:.1f}{marks[r.memory_source]}"
         spread = f"{r.p25:.2f}-{r.p75:.2f}"
         rows.append(
-            f"{r.name:<{width}}  {r.median_ms:>10.2f}  {spread:>17}  {r.min_ms:>9.2f}  {speedup:>30.2f}  {memory:>11}"
+            f"{r.name:<{width}}  {r.median_ms:>10.2f}  {spread:>17}  {r.min_ms:>9.2f}  {gain:>30}  {memory:>11}"
         )
     rows.append(
         f"baseline: {baseline_name}; {results[0].repeat if results else 0} runs each, alternated in shuffled rounds"
     )
+    if intervals:
+        rows.append("speedup: ratio of medians [95% bootstrap interval, resampling the rounds]")
     for s in sources:
         rows.append(f"{marks[s]} {_MEMORY_NOTES.get(s, s)}")
     return "\n".join(rows)
@@ -794,12 +853,14 @@ def to_json(results: Sequence[Result], baseline_name: str | None = None) -> str:
         match = [r for r in results if r.name == baseline_name]
         if not match:
             raise CoschedError(f"no result named {baseline_name!r}")
-        base = match[0].median_ms
+        base = match[0]
     rows = []
     for r in results:
         row = asdict(r)
         row["iqr_ms"] = r.iqr_ms
         if base is not None:
-            row["speedup"] = base / r.median_ms if r.median_ms > 0 else None
+            gain = speedup(base, r)
+            row["speedup"] = gain.value if np.isfinite(gain.value) else None
+            row["speedup_interval"] = None if np.isnan(gain.low) else [gain.low, gain.high]
         rows.append(row)
     return json.dumps({"baseline": baseline_name, "results": rows}, indent=2)

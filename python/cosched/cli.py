@@ -9,6 +9,7 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,13 @@ def _bench(args: argparse.Namespace) -> int:
         from . import bench
 
         per_model = [
-            {"model": m.name, "tvm": asdict(m.tvm), "ort": asdict(m.ort), "tvm_over_ort": m.ratio}
+            {
+                "model": m.name,
+                "tvm": asdict(m.tvm),
+                "ort": asdict(m.ort),
+                "tvm_over_ort": m.ratio.value,
+                "tvm_over_ort_interval": None if math.isnan(m.ratio.low) else [m.ratio.low, m.ratio.high],
+            }
             for m in result.per_model
         ]
         data = {

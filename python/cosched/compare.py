@@ -79,9 +79,9 @@ class ModelTiming:
     ort: bench.Result
 
     @property
-    def ratio(self) -> float:
-        """TVM time over ONNX Runtime time (<= 1: TVM is as fast or faster)."""
-        return self.tvm.median_ms / self.ort.median_ms
+    def ratio(self) -> bench.Speedup:
+        """TVM time over ONNX Runtime time (<= 1: TVM is as fast or faster), with its interval."""
+        return bench.speedup(self.tvm, self.ort)
 
 
 @dataclass
@@ -109,13 +109,16 @@ class Comparison:
         head = f"{'model':<{width}}  {'TVM ms':>9}  {'ORT ms':>9}  {'TVM/ORT (<=1: TVM as fast)':>26}"
         rows = [head, "-" * len(head)]
         for m in self.per_model:
-            rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26.2f}")
+            rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26}")
         rows.append(f"each model alone, {self.per_model[0].tvm.repeat} runs each, alternated in shuffled rounds")
+        if not np.isnan(self.per_model[0].ratio.low):
+            rows.append("TVM/ORT: ratio of medians [95% bootstrap interval, resampling the rounds]")
         return "\n".join(rows)
 
     def summary(self) -> str:
         """The bundle's headline ratios: the best cosched schedule against each way users run models today."""
-        by = {r.name: r.median_ms for r in self.results}
+        res = {r.name: r for r in self.results}
+        by = {name: r.median_ms for name, r in res.items()}
         mine = {k: v for k, v in by.items() if k.startswith("cosched-")}
         if not mine:
             return ""
@@ -131,18 +134,21 @@ class Comparison:
             "ort-concurrent-nospin": "ONNX Runtime concurrent, no spinning",
         }
         lines = [f"best cosched schedule: {best} ({by[best]:.2f} ms); speedup (>1: {best} faster) over"]
-        lines += [f"  {text:<40} {by[k] / by[best]:.2f}x" for k, text in peers.items() if k in by]
+        lines += [f"  {text:<40} {bench.speedup(res[k], res[best]):x}" for k, text in peers.items() if k in by]
         if "cosched-search" in by and fixed:
             top = min(fixed, key=fixed.get)
-            lines.append(f"  cosched-search over best fixed ({top}): {fixed[top] / by['cosched-search']:.2f}x")
+            search = res["cosched-search"]
+            lines.append(f"  cosched-search over best fixed ({top}): {bench.speedup(res[top], search):x}")
             if "relax-vm-seq" in by:
                 lines.append(
-                    f"  cosched-search over TVM one model after another: {by['relax-vm-seq'] / by['cosched-search']:.2f}x"
+                    f"  cosched-search over TVM one model after another: {bench.speedup(res['relax-vm-seq'], search):x}"
                 )
         orts = {k: v for k, v in by.items() if k.startswith("ort-")}
         if orts:
             top = min(orts, key=orts.get)
-            lines.append(f"  best of ONNX Runtime ({top}): {orts[top] / by[best]:.2f}x")
+            lines.append(f"  best of ONNX Runtime ({top}): {bench.speedup(res[top], res[best]):x}")
+        if any(not np.isnan(bench.speedup(r, res[best]).low) for r in self.results if r is not res[best]):
+            lines.append("  (ratios of medians [95% bootstrap intervals, resampling the rounds])")
         return "\n".join(lines + self.notes)
 
 
