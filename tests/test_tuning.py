@@ -422,6 +422,39 @@ def test_database_measured_on_other_threads_is_timed_again(tuned, mods, tmp_path
     assert again.records_remeasured == 0
 
 
+def test_database_timed_warm_is_timed_again_before_tuning_with_cache_flush(tuned, mods, tmp_path, monkeypatch):
+    """Cold timings are slower than warm ones: mixed in one database, the warm records would always win."""
+    work_dir = tmp_path / "db"
+    shutil.copytree(tuned[0], work_dir)
+    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    assert meta["cache_flush"] is False
+    configs = []
+    real_runner = tuning.ms.runner.LocalRunner
+
+    def runner(*args, evaluator_config=None, **kwargs):
+        configs.append(evaluator_config)
+        return real_runner(*args, evaluator_config=evaluator_config, **kwargs)
+
+    monkeypatch.setattr(tuning.ms.runner, "LocalRunner", runner)
+    report = tuning.tune_modules(
+        mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
+    )
+    assert report.records_remeasured == 2 and report.trials_run == 0
+    assert configs and configs[0].enable_cpu_cache_flush  # the records were timed cold
+    assert json.loads((work_dir / tuning.META_FILE).read_text())["cache_flush"] is True
+    again = tuning.tune_modules(
+        mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
+    )
+    assert again.records_remeasured == 0
+    # And back: tuning warm times them warm again.
+    warm = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
+    assert warm.records_remeasured == 2
+    assert json.loads((work_dir / tuning.META_FILE).read_text())["cache_flush"] is False
+    db = tuning.open_database(work_dir)
+    with pytest.raises(CoschedError, match="cache flush"):
+        tuning.tune_modules(mods, TARGET, work_dir, names=NAMES, progress=False, database=db, cache_flush=True)
+
+
 def test_remeasure_that_times_nothing_leaves_the_database(tuned, tmp_path, monkeypatch):
     work_dir = tmp_path / "db"
     shutil.copytree(tuned[0], work_dir)

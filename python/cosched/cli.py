@@ -114,6 +114,7 @@ def _tune(args: argparse.Namespace) -> int:
         patience=args.patience or None,
         transfer=args.transfer,
         prune=args.prune,
+        cache_flush=args.cache_flush,
     )
     print(
         f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
@@ -125,7 +126,8 @@ def _tune(args: argparse.Namespace) -> int:
     )
     if report.records_remeasured:
         print(
-            f"first timed its {report.records_remeasured} records again: they had been measured on another thread count"
+            f"first timed its {report.records_remeasured} records again: they had been measured on another thread "
+            "count or with the caches the other way"
         )
     if args.schedule:
         from .compiler import compile as compile_bundle
@@ -252,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune",
         action="store_true",
         help="drop records of kernels these models no longer have (e.g. tuned before a TVM or cosched upgrade)",
+    )
+    p.add_argument(
+        "--cache-flush",
+        action="store_true",
+        help="time candidates with weights and outputs flushed from the caches, as in a bundle (experimental)",
     )
     p.add_argument("--schedule", action="store_true", help="then search the co-schedule (learned cost model)")
     p.set_defaults(func=_tune)

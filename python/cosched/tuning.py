@@ -626,12 +626,18 @@ def _local_runner(cores: int, cache_flush: bool) -> ms.runner.LocalRunner:
     )
 
 
-def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, cache_flush: bool = False) -> int:
-    """Time each workload's best record again if ``work_dir`` was measured at another thread count.
+def _timed_as(meta: dict, cores: int, cache_flush: bool) -> bool:
+    """Whether the database's records were timed on ``cores`` threads with caches flushed or not."""
+    return meta.get("threads") == cores and bool(meta.get("cache_flush", False)) == cache_flush
 
-    Latencies taken on one thread and on all the target's cores cannot be compared, so a database
-    keeps its measuring thread count in ``cosched_target.json`` (``threads``; absent: measured before
-    cosched recorded it, at TVM's default). Only the best record per workload is kept and retimed
+
+def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, cache_flush: bool = False) -> int:
+    """Time each workload's best record again if ``work_dir`` was measured another way.
+
+    Latencies taken on one thread and on all the target's cores cannot be compared, nor those taken
+    with warm and with flushed caches, so a database keeps how it was timed in ``cosched_target.json``
+    (``threads``, absent: measured before cosched recorded it, at TVM's default; ``cache_flush``,
+    absent: warm). Only the best record per workload is kept and retimed
     (one build and run each); a record that no longer builds or runs is dropped and its workload's
     trial count cleared, so tuning covers it again. Returns how many records were timed; 0 when the
     database already matches. The files are replaced only when every record has been timed.
@@ -639,7 +645,7 @@ def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, c
     path = Path(work_dir)
     cores = _num_cores(target)
     meta = _read_meta(path)
-    if meta.get("threads") == cores or not (path / RECORD_FILE).is_file():
+    if _timed_as(meta, cores, cache_flush) or not (path / RECORD_FILE).is_file():
         return 0
     db = open_database(path)
     best = {}
@@ -648,7 +654,14 @@ def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, c
         if key not in best and (top := db.get_top_k(rec.workload, 1)):
             best[key] = top[0]
     records = list(best.values())
-    logger.info("timing %d records again on %d threads (measured at %s)", len(records), cores, meta.get("threads"))
+    logger.info(
+        "timing %d records again on %d threads, cache flush %s (measured on %s, cache flush %s)",
+        len(records),
+        cores,
+        cache_flush,
+        meta.get("threads"),
+        bool(meta.get("cache_flush", False)),
+    )
     builder = _PooledBuilder(max_workers=cores)
     runner = _local_runner(cores, cache_flush)
     try:
@@ -691,6 +704,7 @@ def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, c
             os.chmod(Path(tmp) / name, 0o644)
             os.replace(Path(tmp) / name, path / name)
     meta["threads"] = cores
+    meta["cache_flush"] = cache_flush
     _write_meta(path, meta)
     return len(records)
 
@@ -728,7 +742,7 @@ PREVIOUS_SEARCH_SIZE = SearchSize(per_trial=64, generations=4, min_population=64
 """The sizes cosched used before ``SearchSize`` (kept for A/B runs against it)."""
 
 
-def _prepare_work_dir(path: Path, target: tvm.target.Target) -> dict:
+def _prepare_work_dir(path: Path, target: tvm.target.Target, cache_flush: bool = False) -> dict:
     """Create ``path`` or check that what it holds was tuned for ``target``; returns the meta."""
     path.mkdir(parents=True, exist_ok=True)
     has_db = any((path / f).is_file() and (path / f).stat().st_size for f in (WORKLOAD_FILE, RECORD_FILE))
@@ -738,8 +752,9 @@ def _prepare_work_dir(path: Path, target: tvm.target.Target) -> dict:
     meta["target"] = target_key(target)
     meta.setdefault("trials", {})
     meta.setdefault("injective", [])
-    if not has_db:
-        meta["threads"] = _num_cores(target)  # remeasure_database compares the next runs' with it
+    if not has_db:  # how records are timed: remeasure_database compares the next runs' with it
+        meta["threads"] = _num_cores(target)
+        meta["cache_flush"] = cache_flush
     _write_meta(path, meta)
     return meta
 
@@ -836,21 +851,22 @@ def tune_modules(
     another thread count has its records timed again first (``remeasure_database``).
     ``cache_flush`` evicts every argument but the first (weights, not the input) from the CPU caches
     before each timed run, as the other tenants' kernels do in a bundle; its latencies are not
-    comparable with records measured warm, so a database should be tuned one way throughout.
+    comparable with records measured warm, so a database timed the other way is timed again first.
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if trials_per_task < 1:
         raise CoschedError(f"trials_per_task must be at least 1, not {trials_per_task}")
     start = time.monotonic()
     path = Path(work_dir)
-    meta = _prepare_work_dir(path, target)
+    meta = _prepare_work_dir(path, target, cache_flush)
     remeasured = 0
     if database is None:
         remeasured = remeasure_database(path, target, cache_flush)
         meta = _read_meta(path)
-    elif meta.get("threads") != _num_cores(target):
+    elif not _timed_as(meta, _num_cores(target), cache_flush):
         raise CoschedError(
-            f"the database at {path} was measured on {meta.get('threads')} threads, not {_num_cores(target)}",
+            f"the database at {path} was measured on {meta.get('threads')} threads, cache flush "
+            f"{bool(meta.get('cache_flush', False))}, not {_num_cores(target)} threads, cache flush {cache_flush}",
             hint="call remeasure_database before opening it, or let tune_modules open it",
         )
     tasks = extract_tasks(mods, target, names)
@@ -1101,7 +1117,7 @@ def tune(
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
-    _prepare_work_dir(Path(work_dir), tgt)  # refuses another target's database before opening it
+    _prepare_work_dir(Path(work_dir), tgt, cache_flush)  # refuses another target's database before opening it
     remeasured = remeasure_database(work_dir, tgt, cache_flush)
     # Opened once for all passes: opening replays every record.
     db = open_database(work_dir)
