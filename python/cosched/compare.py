@@ -103,17 +103,7 @@ class Comparison:
 
     def per_model_table(self) -> str:
         """Each model alone: TVM vs ONNX Runtime medians and their ratio."""
-        if not self.per_model:
-            return ""
-        width = max(len("model"), *(len(m.name) for m in self.per_model))
-        head = f"{'model':<{width}}  {'TVM ms':>9}  {'ORT ms':>9}  {'TVM/ORT (<=1: TVM as fast)':>26}"
-        rows = [head, "-" * len(head)]
-        for m in self.per_model:
-            rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26}")
-        rows.append(f"each model alone, {self.per_model[0].tvm.repeat} runs each, alternated in shuffled rounds")
-        if not np.isnan(self.per_model[0].ratio.low):
-            rows.append("TVM/ORT: ratio of medians [95% bootstrap interval, resampling the rounds]")
-        return "\n".join(rows)
+        return format_models(self.per_model)
 
     def summary(self) -> str:
         """The bundle's headline ratios: the best cosched schedule against each way users run models today."""
@@ -150,6 +140,58 @@ class Comparison:
         if any(not np.isnan(bench.speedup(r, res[best]).low) for r in self.results if r is not res[best]):
             lines.append("  (ratios of medians [95% bootstrap intervals, resampling the rounds])")
         return "\n".join(lines + self.notes)
+
+
+def format_models(timings: Sequence[ModelTiming]) -> str:
+    """A table of models timed alone: TVM vs ONNX Runtime medians and their ratio, with its interval."""
+    if not timings:
+        return ""
+    width = max(len("model"), *(len(m.name) for m in timings))
+    head = f"{'model':<{width}}  {'TVM ms':>9}  {'ORT ms':>9}  {'TVM/ORT (<=1: TVM as fast)':>26}"
+    rows = [head, "-" * len(head)]
+    for m in timings:
+        rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26}")
+    rows.append(f"each model alone, {timings[0].tvm.repeat} runs each, alternated in shuffled rounds")
+    if not np.isnan(timings[0].ratio.low):
+        rows.append("TVM/ORT: ratio of medians [95% bootstrap interval, resampling the rounds]")
+    return "\n".join(rows)
+
+
+def _model_contenders(tenants, models, inputs, target, threads: int, exes) -> list[bench.Contender]:
+    """Per tenant alone: tuned TVM (Relax VM), then ONNX Runtime, at the same thread count."""
+    alone = []
+    for t in tenants:
+        own = {t.name: inputs[t.name]}
+        alone += [
+            bench.relax_vm_sequential(
+                [t], own, target, threads, executables=exes, measure_memory=False, name=f"tvm:{t.name}"
+            ),
+            bench.ort_sequential({t.name: models[t.name]}, own, threads, measure_memory=False, name=f"ort:{t.name}"),
+        ]
+    return alone
+
+
+def _model_timings(tenants, alone: list[bench.Contender], repeat: int, warmup: int) -> list[ModelTiming]:
+    flat = bench.measure(alone, repeat=repeat, warmup=warmup)
+    return [ModelTiming(t.name, flat[2 * i], flat[2 * i + 1]) for i, t in enumerate(tenants)]
+
+
+def time_models(
+    models: dict[str, onnx.ModelProto],
+    threads: int | None = None,
+    database: str | Path | None = None,
+    repeat: int = 10,
+    warmup: int = 2,
+) -> list[ModelTiming]:
+    """Each model alone, tuned TVM against ONNX Runtime at the same thread count, all in alternating rounds."""
+    threads = threads or os.cpu_count() or 1
+    target = as_target(None)
+    tenants = [load_onnx(m, name=n) for n, m in models.items()]
+    inputs = make_inputs(tenants)
+    exes = {t.name: bench.compile_tenant(t, target, database) for t in tenants}
+    alone = _model_contenders(tenants, models, inputs, target, threads, exes)
+    with bench.closing(alone):
+        return _model_timings(tenants, alone, repeat, warmup)
 
 
 def cosched_contender(name: str, bundle, inputs) -> bench.Contender:
@@ -214,18 +256,7 @@ def compare(
             bench.ort_sequential(models, inputs, threads, spinning=False, name="ort-seq-nospin"),
             bench.ort_concurrent(models, inputs, threads, spinning=False, name="ort-concurrent-nospin"),
         ]
-    alone: list[bench.Contender] = []  # per tenant: TVM, then ONNX Runtime
-    if per_model and with_ort:
-        for t in tenants:
-            own = {t.name: inputs[t.name]}
-            alone += [
-                bench.relax_vm_sequential(
-                    [t], own, target, threads, executables=exes, measure_memory=False, name=f"tvm:{t.name}"
-                ),
-                bench.ort_sequential(
-                    {t.name: models[t.name]}, own, threads, measure_memory=False, name=f"ort:{t.name}"
-                ),
-            ]
+    alone = _model_contenders(tenants, models, inputs, target, threads, exes) if per_model and with_ort else []
     with bench.closing(contenders + alone):
         reference = contenders[0].run_once()
         for c in contenders[1:]:
@@ -244,8 +275,7 @@ def compare(
         timings = []
         if alone:
             log(f"timing each model alone: {repeat} alternating rounds")
-            flat = bench.measure(alone, repeat=repeat, warmup=warmup)
-            timings = [ModelTiming(t.name, flat[2 * i], flat[2 * i + 1]) for i, t in enumerate(tenants)]
+            timings = _model_timings(tenants, alone, repeat, warmup)
     head = (
         bench.header(threads, target)
         + f"\nmodels  : {', '.join(models)}; streams: "
