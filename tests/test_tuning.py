@@ -292,7 +292,8 @@ def test_search_size_sets_the_population_per_batch(mods, tmp_path, monkeypatch):
     assert asked == [(small, 2), (small, 2)]
 
 
-def test_cache_flush_reaches_the_runner(mods, tmp_path, monkeypatch):
+def _record_runner_configs(monkeypatch) -> list:
+    """The evaluator config of every LocalRunner tuning creates from now on, in order."""
     configs = []
     real_runner = tuning.ms.runner.LocalRunner
 
@@ -301,6 +302,11 @@ def test_cache_flush_reaches_the_runner(mods, tmp_path, monkeypatch):
         return real_runner(*args, evaluator_config=evaluator_config, **kwargs)
 
     monkeypatch.setattr(tuning.ms.runner, "LocalRunner", runner)
+    return configs
+
+
+def test_cache_flush_reaches_the_runner(mods, tmp_path, monkeypatch):
+    configs = _record_runner_configs(monkeypatch)
     report = tuning.tune_modules(mods, TARGET, tmp_path, trials_per_task=1, names=NAMES, progress=False)
     assert configs == [None] and report.trials_run == 2
     flushed = tmp_path / "flushed"
@@ -428,14 +434,7 @@ def test_database_timed_warm_is_timed_again_before_tuning_with_cache_flush(tuned
     shutil.copytree(tuned[0], work_dir)
     meta = json.loads((work_dir / tuning.META_FILE).read_text())
     assert meta["cache_flush"] is False
-    configs = []
-    real_runner = tuning.ms.runner.LocalRunner
-
-    def runner(*args, evaluator_config=None, **kwargs):
-        configs.append(evaluator_config)
-        return real_runner(*args, evaluator_config=evaluator_config, **kwargs)
-
-    monkeypatch.setattr(tuning.ms.runner, "LocalRunner", runner)
+    configs = _record_runner_configs(monkeypatch)
     report = tuning.tune_modules(
         mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
     )
