@@ -1,5 +1,6 @@
 """The cosched command on tiny model files: compile/export, run with the runtime alone, bench, errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -36,9 +37,16 @@ def test_compile_then_run_with_the_runtime(model_files, tmp_path, capsys):
     assert "left: outputs [(1, 10)]" in result.stdout and "median" in result.stdout
 
 
-def test_bench_prints_every_contender_with_ratios(model_files, capsys):
-    assert main(["bench", *model_files, "--repeat", "2", "--threads", "2"]) == 0
+def test_bench_prints_every_contender_with_ratios(model_files, tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert main(["bench", *model_files, "--repeat", "3", "--threads", "2", "--json", str(report)]) == 0
     out = capsys.readouterr().out
+    assert "bootstrap interval" in out  # three rounds: every ratio has its interval
+    doc = json.loads(report.read_text())
+    assert all(len(r["speedup_interval"]) == 2 for r in doc["results"]["results"])
+    for m in doc["per_model"]:
+        low, high = m["tvm_over_ort_interval"]
+        assert low <= high and m["tvm_over_ort"] > 0
     for name in (
         "relax-vm-seq",
         "relax-vm-concurrent",
