@@ -91,11 +91,15 @@ class SearchReport:
     rank_correlation: float | None = None
     seconds: float = 0.0
     speedup_bound: float | None = None  # KernelProfile.speedup_bound for the bundle's cores
+    best_interval: tuple[float, float] | None = None  # 95% interval of best.measured in the confirming round
 
     def summary(self) -> str:
+        interval = ""
+        if self.best_interval is not None:
+            interval = f" [{self.best_interval[0]:.3f}-{self.best_interval[1]:.3f}, 95% bootstrap]"
         lines = [
             f"search: {len(self.measured)} schedules measured in {self.seconds:.0f} s; "
-            f"winner '{self.best.origin}' at {self.best.measured:.3f}x the sequential latency "
+            f"winner '{self.best.origin}' at {self.best.measured:.3f}x{interval} the sequential latency "
             f"({self.sequential_ms:.2f} ms)",
         ]
         for name, rel in sorted(self.fixed.items(), key=lambda kv: kv[1]):
@@ -363,6 +367,11 @@ def measure(
     The first schedule is the reference of the others' ratios: with ``copies`` > 1 it runs
     as ``copies`` separately built bundles, and its median is over all their samples.
     """
+    return [r.median_ms for r in _measure_results(bundle, schedules, inputs, repeat, settle_s, copies)]
+
+
+def _measure_results(bundle, schedules: list[Schedule], inputs, repeat: int, settle_s: float, copies: int) -> list:
+    """``measure``, as ``bench.Result`` objects (the reference's holds every copy's samples)."""
     from . import bench
 
     copies = max(1, copies)
@@ -373,8 +382,14 @@ def measure(
     # previous one's thread pools spin ~200 ms after a run: six copies of one schedule measured
     # 1.25-1.40x apart with a 0.1 s pause, 1.07-1.12x with 0.3 s (benchmarks/search_noise.py).
     results = bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s)
-    reference = float(np.median([t for r in results[:copies] for t in r.samples_ms]))
-    return [reference] + [r.median_ms for r in results[copies:]]
+    if copies == 1:
+        return results
+    samples = [t for r in results[:copies] for t in r.samples_ms]
+    q1, median, q3 = np.percentile(samples, [25, 50, 75])
+    reference = bench.Result(
+        "reference", float(median), float(q1), float(q3), min_ms=min(samples), repeat=len(samples), samples_ms=samples
+    )
+    return [reference, *results[copies:]]
 
 
 def seeds(bundle) -> list[Candidate]:
@@ -419,6 +434,8 @@ def search(
     side by side with the sequential schedule; the fastest there wins unless sequential is faster.
     Every ratio is to the sequential schedule in the same batch, run as ``reference_copies`` bundles.
     """
+    from . import bench
+
     start = time.time()
     rng = random.Random(seed)
     log = log or (lambda _msg: None)
@@ -477,13 +494,19 @@ def search(
     # The best of many noisy measurements is biased low (winner's curse): the top few are measured
     # again, together, with twice the runs, and the winner is picked from that round alone.
     finalists = sorted(measured, key=lambda c: c.measured)[:confirm]
-    times = measure(bundle, [sequential] + [c.schedule for c in finalists], inputs, 2 * repeat, copies=reference_copies)
+    results = _measure_results(
+        bundle, [sequential] + [c.schedule for c in finalists], inputs, 2 * repeat, 0.3, reference_copies
+    )
+    times = [r.median_ms for r in results]
     seq_ms.append(times[0])
     i = int(np.argmin(times[1:]))
     best = replace(finalists[i], measured=times[1 + i] / times[0], measured_ms=times[1 + i])
+    gain = bench.speedup(results[0], results[1 + i])
+    interval = None if np.isnan(gain.low) else (1.0 / gain.high, 1.0 / gain.low)
     log(f"confirmed {len(finalists)} finalists; best {best.measured:.3f}x sequential")
     if best.measured >= 1.0:  # nothing beat the sequential schedule on measurement: keep it
         best = Candidate(sequential, "sequential/1 stream", measured=1.0, measured_ms=times[0])
+        interval = None
     return SearchReport(
         best=best,
         sequential_ms=float(np.median(seq_ms)),
@@ -492,6 +515,7 @@ def search(
         rank_correlation=rho,
         seconds=time.time() - start,
         speedup_bound=profile.speedup_bound(bundle.schedule.cores),
+        best_interval=interval,
     )
 
 
