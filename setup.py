@@ -25,7 +25,7 @@ setup(
         "xgboost-cpu",
         "cloudpickle",
         "psutil",
-        "scipy",
+        "scipy>=1.15",  # bootstrap(rng=...)
         "matplotlib",
         "tqdm",
     ],
