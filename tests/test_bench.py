@@ -209,22 +209,17 @@ def test_header():
         assert word in text
 
 
-def _result(name: str, samples: list[float]) -> bench.Result:
-    q1, med, q3 = np.percentile(samples, [25, 50, 75])
-    return bench.Result(name, float(med), float(q1), float(q3), None, min(samples), len(samples), samples_ms=samples)
-
-
 def test_speedup_interval_pairs_the_rounds():
     rng = np.random.default_rng(1)
     # Each round's load slows both contenders alike (x1 to x2); the fast one is truly 1.25x faster.
     load = rng.uniform(1.0, 2.0, 15)
-    base = _result("base", list(10.0 * load * rng.normal(1, 0.02, 15)))
-    fast = _result("fast", list(8.0 * load * rng.normal(1, 0.02, 15)))
+    base = bench.Result.from_samples("base", list(10.0 * load * rng.normal(1, 0.02, 15)))
+    fast = bench.Result.from_samples("fast", list(8.0 * load * rng.normal(1, 0.02, 15)))
     gain = bench.speedup(base, fast)
     assert gain.value == pytest.approx(base.median_ms / fast.median_ms)
     assert gain.low < 1.25 < gain.high and gain.low > 1.0  # the shared load cancels: faster, with confidence
     # The same samples with the rounds shuffled apart: the load no longer cancels, the interval widens.
-    unpaired = _result("fast", [*rng.permutation(fast.samples_ms), fast.median_ms])
+    unpaired = bench.Result.from_samples("fast", [*rng.permutation(fast.samples_ms), fast.median_ms])
     wide = bench.speedup(base, unpaired)
     assert wide.high - wide.low > 2 * (gain.high - gain.low)
     assert bench.speedup(base, fast) == gain  # seeded
@@ -236,7 +231,7 @@ def test_speedup_without_samples_has_no_interval():
     base, fast = bench.Result("base", 10.0, 9.0, 11.0), bench.Result("fast", 5.0, 4.5, 5.5)
     gain = bench.speedup(base, fast)
     assert gain.value == 2.0 and np.isnan(gain.low) and str(gain) == "2.00" and f"{gain:x}" == "2.00x"
-    few = bench.speedup(_result("a", [1.0, 2.0]), _result("b", [1.0, 2.0]))
+    few = bench.speedup(bench.Result.from_samples("a", [1.0, 2.0]), bench.Result.from_samples("b", [1.0, 2.0]))
     assert np.isnan(few.low)
     table = bench.format_table([base, fast], "base")
     assert "bootstrap" not in table  # no interval, no legend for one
@@ -244,8 +239,8 @@ def test_speedup_without_samples_has_no_interval():
 
 def test_table_and_json_show_the_interval():
     rng = np.random.default_rng(2)
-    base = _result("base", list(rng.normal(10, 0.5, 9)))
-    fast = _result("fast", list(rng.normal(5, 0.25, 9)))
+    base = bench.Result.from_samples("base", list(rng.normal(10, 0.5, 9)))
+    fast = bench.Result.from_samples("fast", list(rng.normal(5, 0.25, 9)))
     table = bench.format_table([base, fast], "base")
     gain = bench.speedup(base, fast)
     assert str(gain) in table and "bootstrap interval" in table

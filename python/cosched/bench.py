@@ -133,6 +133,14 @@ class Result:
     def iqr_ms(self) -> float:
         return self.p75 - self.p25
 
+    @classmethod
+    def from_samples(
+        cls, name: str, samples_ms: list[float], memory_bytes: int | None = None, memory_source: str = "rss-growth"
+    ) -> Result:
+        """Median, quartiles and minimum of the samples (one per round, in round order)."""
+        q = _quartiles(samples_ms)
+        return cls(name, q[1], q[0], q[2], memory_bytes, min(samples_ms), len(samples_ms), memory_source, samples_ms)
+
 
 @dataclass(frozen=True)
 class Speedup:
@@ -143,6 +151,11 @@ class Speedup:
     low: float = float("nan")
     high: float = float("nan")
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """``(low, high)``, or None where there were too few samples for one."""
+        return None if np.isnan(self.low) else (self.low, self.high)
+
     def __str__(self) -> str:
         return format(self, "")
 
@@ -150,7 +163,7 @@ class Speedup:
         """``"1.09 [1.02-1.15]"``; spec ``x`` writes ``"1.09x [1.02-1.15]"``, anything else aligns the text."""
         unit = "x" if spec == "x" else ""
         text = f"{self.value:.2f}{unit}"
-        if not np.isnan(self.low):
+        if self.interval is not None:
             text += f" [{self.low:.2f}-{self.high:.2f}]"
         return text if spec in ("", "x") else format(text, spec)
 
@@ -720,11 +733,10 @@ def measure(
             elapsed_ms = (time.perf_counter_ns() - t0) / 1e6 / number
             if round_ >= warmup:
                 samples[i].append(elapsed_ms)
-    results = []
-    for c, s in zip(contenders, samples, strict=True):
-        q = _quartiles(s)
-        results.append(Result(c.name, q[1], q[0], q[2], c.memory_bytes, min(s), len(s), c.memory_source, s))
-    return results
+    return [
+        Result.from_samples(c.name, s, c.memory_bytes, c.memory_source)
+        for c, s in zip(contenders, samples, strict=True)
+    ]
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -830,7 +842,7 @@ def format_table(results: Sequence[Result], baseline_name: str) -> str:
     intervals = False
     for r in results:
         gain = speedup(base, r)
-        intervals |= not np.isnan(gain.low)
+        intervals |= gain.interval is not None
         memory = "-" if r.memory_bytes is None else f"{r.memory_bytes / 2**20:.1f}{marks[r.memory_source]}"
         spread = f"{r.p25:.2f}-{r.p75:.2f}"
         rows.append(
@@ -861,6 +873,6 @@ def to_json(results: Sequence[Result], baseline_name: str | None = None) -> str:
         if base is not None:
             gain = speedup(base, r)
             row["speedup"] = gain.value if np.isfinite(gain.value) else None
-            row["speedup_interval"] = None if np.isnan(gain.low) else [gain.low, gain.high]
+            row["speedup_interval"] = gain.interval
         rows.append(row)
     return json.dumps({"baseline": baseline_name, "results": rows}, indent=2)

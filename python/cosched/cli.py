@@ -9,7 +9,6 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ def _bench(args: argparse.Namespace) -> int:
                 "tvm": asdict(m.tvm),
                 "ort": asdict(m.ort),
                 "tvm_over_ort": m.ratio.value,
-                "tvm_over_ort_interval": None if math.isnan(m.ratio.low) else [m.ratio.low, m.ratio.high],
+                "tvm_over_ort_interval": m.ratio.interval,
             }
             for m in result.per_model
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ class ModelTiming:
     tvm: bench.Result
     ort: bench.Result
 
-    @property
+    @cached_property
     def ratio(self) -> bench.Speedup:
         """TVM time over ONNX Runtime time (<= 1: TVM is as fast or faster), with its interval."""
         return bench.speedup(self.tvm, self.ort)
@@ -123,21 +124,26 @@ class Comparison:
             "ort-seq-nospin": "ONNX Runtime sequential, no spinning",
             "ort-concurrent-nospin": "ONNX Runtime concurrent, no spinning",
         }
+        gains: list[bench.Speedup] = []
+
+        def over(base: str, this: str) -> str:
+            gains.append(bench.speedup(res[base], res[this]))
+            return f"{gains[-1]:x}"
+
         lines = [f"best cosched schedule: {best} ({by[best]:.2f} ms); speedup (>1: {best} faster) over"]
-        lines += [f"  {text:<40} {bench.speedup(res[k], res[best]):x}" for k, text in peers.items() if k in by]
+        lines += [f"  {text:<40} {over(k, best)}" for k, text in peers.items() if k in by]
         if "cosched-search" in by and fixed:
             top = min(fixed, key=fixed.get)
-            search = res["cosched-search"]
-            lines.append(f"  cosched-search over best fixed ({top}): {bench.speedup(res[top], search):x}")
+            lines.append(f"  cosched-search over best fixed ({top}): {over(top, 'cosched-search')}")
             if "relax-vm-seq" in by:
                 lines.append(
-                    f"  cosched-search over TVM one model after another: {bench.speedup(res['relax-vm-seq'], search):x}"
+                    f"  cosched-search over TVM one model after another: {over('relax-vm-seq', 'cosched-search')}"
                 )
         orts = {k: v for k, v in by.items() if k.startswith("ort-")}
         if orts:
             top = min(orts, key=orts.get)
-            lines.append(f"  best of ONNX Runtime ({top}): {bench.speedup(res[top], res[best]):x}")
-        if any(not np.isnan(bench.speedup(r, res[best]).low) for r in self.results if r is not res[best]):
+            lines.append(f"  best of ONNX Runtime ({top}): {over(top, best)}")
+        if any(g.interval is not None for g in gains):
             lines.append("  (ratios of medians [95% bootstrap intervals, resampling the rounds])")
         return "\n".join(lines + self.notes)
 
@@ -152,7 +158,7 @@ def format_models(timings: Sequence[ModelTiming]) -> str:
     for m in timings:
         rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26}")
     rows.append(f"each model alone, {timings[0].tvm.repeat} runs each, alternated in shuffled rounds")
-    if not np.isnan(timings[0].ratio.low):
+    if timings[0].ratio.interval is not None:
         rows.append("TVM/ORT: ratio of medians [95% bootstrap interval, resampling the rounds]")
     return "\n".join(rows)
 

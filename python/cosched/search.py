@@ -384,11 +384,7 @@ def _measure_results(bundle, schedules: list[Schedule], inputs, repeat: int, set
     results = bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s)
     if copies == 1:
         return results
-    samples = [t for r in results[:copies] for t in r.samples_ms]
-    q1, median, q3 = np.percentile(samples, [25, 50, 75])
-    reference = bench.Result(
-        "reference", float(median), float(q1), float(q3), min_ms=min(samples), repeat=len(samples), samples_ms=samples
-    )
+    reference = bench.Result.from_samples("reference", [t for r in results[:copies] for t in r.samples_ms])
     return [reference, *results[copies:]]
 
 
@@ -502,7 +498,7 @@ def search(
     i = int(np.argmin(times[1:]))
     best = replace(finalists[i], measured=times[1 + i] / times[0], measured_ms=times[1 + i])
     gain = bench.speedup(results[0], results[1 + i])
-    interval = None if np.isnan(gain.low) else (1.0 / gain.high, 1.0 / gain.low)
+    interval = None if gain.interval is None else (1.0 / gain.high, 1.0 / gain.low)
     log(f"confirmed {len(finalists)} finalists; best {best.measured:.3f}x sequential")
     if best.measured >= 1.0:  # nothing beat the sequential schedule on measurement: keep it
         best = Candidate(sequential, "sequential/1 stream", measured=1.0, measured_ms=times[0])
