@@ -477,14 +477,14 @@ class _Guided(ms.search_strategy.PySearchStrategy):
         best_us: float | None,
         outcome: dict,
         donors: list | None = None,
-        injective: bool = False,
+        injective: Sequence[tvm.s_tir.Schedule] = (),
     ) -> None:
         super().__init__()
         self.inner, self.patience, self.min_gain = inner, patience, min_gain
         self.best_us = best_us
         self.stale = 0  # trials since the last real improvement
         self.donors = list(donors or [])  # traces of tuned workloads of the same family
-        self.injective = injective  # measure injective_candidates first
+        self.injective = list(injective)  # injective_candidates of the task, measured first
         self.context = None
         # Shared with clones (TuneContext clones its strategy): how the task ended, for the report.
         self.outcome = outcome
@@ -509,8 +509,9 @@ class _Guided(ms.search_strategy.PySearchStrategy):
             first = transfer_candidates(self.context, donors)
             self.outcome["transferred"] = len(first)
         if self.injective:
-            self.injective = False
-            own = [_candidate(self.context, sch) for sch in injective_candidates(self.context.mod)]
+            schedules, self.injective = self.injective, []
+            # Post-processing edits a schedule in place: a clone's copy of the list stays untouched.
+            own = [_candidate(self.context, sch.copy()) for sch in schedules]
             own = [c for c in own if c is not None]
             self.outcome["injective"] = len(own)
             first += own
@@ -876,7 +877,7 @@ def tune_modules(
     done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
     # Injective kernels get cosched's own schedules measured once, also in a database tuned before
     # they existed: their trials come on top of the task's.
-    injective = {t.key: n for t in tasks if t.key not in meta["injective"] and (n := len(injective_candidates(t.mod)))}
+    injective = {t.key: s for t in tasks if t.key not in meta["injective"] and (s := injective_candidates(t.mod))}
     todo = [t for t in tasks if done[t.key] < trials_per_task or t.key in injective]
     best = {t.key: _best_us(db, t) for t in todo}
     # FLOPs say little about time once a kernel is tuned (a depthwise conv has few and still takes
@@ -935,8 +936,8 @@ class _Plan:
     families: dict[str, list[TaskInfo]] = field(default_factory=dict)
     """All tasks by :func:`family`, for transfer; empty: no transfer."""
     cache_flush: bool = False
-    injective: dict[str, int] = field(default_factory=dict)
-    """Tasks whose ``injective_candidates`` are still to be measured: how many there are."""
+    injective: dict[str, list[tvm.s_tir.Schedule]] = field(default_factory=dict)
+    """Tasks whose ``injective_candidates`` are still to be measured, with them."""
 
     def donors(self, task: TaskInfo, most: int) -> list:
         """Best traces of up to ``most`` other workloads of the task's family, closest in work first."""
@@ -983,8 +984,8 @@ def _tune_plan(
                 best = _best_us(plan.db, task)
                 bar.start_task(task, best)
                 t0 = time.monotonic()
-                own = plan.injective.get(task.key, 0)
-                trials = max(0, trials_per_task - plan.done[task.key]) + own
+                own = plan.injective.get(task.key, [])
+                trials = max(0, trials_per_task - plan.done[task.key]) + len(own)
                 early = plan.patience is not None and plan.patience < trials
                 batch = max(1, plan.patience // 2) if early else min(trials, 64)
                 strategy, outcome = plan.search.strategy(batch), {}
@@ -992,7 +993,7 @@ def _tune_plan(
                 donors = plan.donors(task, max(1, trials // 2)) if plan.done[task.key] == 0 else []
                 if early or donors or own:
                     strategy = _Guided(
-                        strategy, plan.patience if early else None, plan.min_gain, best, outcome, donors, own > 0
+                        strategy, plan.patience if early else None, plan.min_gain, best, outcome, donors, own
                     )
                 ctx = ms.TuneContext(
                     mod=task.mod,
