@@ -10,6 +10,7 @@ Each is a ``tvm.transform`` pass usable in any ``tvm.transform.Sequential``::
 
 from .annotate_streams import POLICIES, AnnotateStreams, ApplySchedule
 from .channels_last import ChannelsLast
+from .concat_in_place import ConcatInPlace
 from .interleave_operators import STRATEGIES, InterleaveOperators
 from .lower_kernels import LowerKernels
 from .merge_tenants import MergeTenants, stack_tenants
@@ -21,6 +22,7 @@ __all__ = [
     "AnnotateStreams",
     "ApplySchedule",
     "ChannelsLast",
+    "ConcatInPlace",
     "InterleaveOperators",
     "LowerKernels",
     "MergeTenants",

@@ -24,6 +24,7 @@ from .graph import (
     CALL_WAITS,
     BindingGraph,
     binding_graph,
+    call_attrs,
     kernel_ids,
     rebuild_main,
     replace_main,
@@ -167,8 +168,8 @@ class ApplySchedule:
         graph = binding_graph(mod)
         by_kernel = {}
         for n in graph.kernels:
-            attrs = n.binding.value.attrs
-            if attrs is None or CALL_KERNEL not in attrs:
+            attrs = call_attrs(n.binding.value)
+            if CALL_KERNEL not in attrs:
                 raise CoschedError("ApplySchedule needs a module annotated by AnnotateStreams", hint="run it first")
             by_kernel[int(attrs[CALL_KERNEL])] = n
         # Ids alone would accept a schedule made for other kernels (e.g. before retuning), so names count too.

@@ -26,8 +26,10 @@ CALL_TENANT = "cosched.tenant"
 CALL_STREAM = "cosched.stream"
 CALL_ORDER = "cosched.order"
 CALL_WAITS = "cosched.waits"
+INPLACE_INDICES = "inplace_indices"
 
-_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+CALL_TIR_INPLACE = tvm.ir.Op.get("relax.call_tir_inplace")
 
 
 def static_shape(ty: relax.Type) -> list[int] | None:
@@ -82,21 +84,33 @@ def kernel_ids(graph: BindingGraph) -> dict[int, int]:
     Ids survive re-interleaving, so every schedule of one module numbers kernels and buffers alike.
     """
     kernels = graph.kernels
-    given = [n.binding.value.attrs for n in kernels]
-    if all(a is not None and CALL_KERNEL in a for a in given):
+    given = [call_attrs(n.binding.value) for n in kernels]
+    if all(CALL_KERNEL in a for a in given):
         return {n.index: int(a[CALL_KERNEL]) for n, a in zip(kernels, given, strict=True)}
     return {n.index: i for i, n in enumerate(kernels)}
 
 
+def call_attrs(call: relax.Call) -> dict:
+    """A kernel call's attributes as a dict; an in-place call's own ones under ``inplace_indices``."""
+    attrs = call.attrs
+    if attrs is None:
+        return {}
+    if isinstance(attrs, tvm.ir.attrs.DictAttrs):
+        return dict(attrs.items())
+    return {INPLACE_INDICES: [int(i) for i in attrs.inplace_indices]}
+
+
 def with_call_attrs(call: relax.Call, attrs: dict) -> relax.Call:
     """The call with ``attrs`` merged into its attributes."""
-    merged = dict(call.attrs.items()) if call.attrs is not None else {}
+    # An in-place call keeps its indices among the merged attributes: TVM's printer then shows
+    # none, but cosched reads them back with call_attrs.
+    merged = call_attrs(call)
     merged.update(attrs)
     return relax.Call(call.op, call.args, tvm.ir.attrs.DictAttrs(merged), call.ty_args, call.span)
 
 
 def is_kernel_call(value: relax.Expr) -> bool:
-    return isinstance(value, relax.Call) and value.op.same_as(_CALL_TIR)
+    return isinstance(value, relax.Call) and (value.op.same_as(CALL_TIR) or value.op.same_as(CALL_TIR_INPLACE))
 
 
 def _vars_in(expr: relax.Expr) -> list[relax.Var]:
@@ -187,22 +201,25 @@ def rebuild_main(
             )
             var_map[old] = new
         bindings.append((node.binding.var, value))
-    new_bindings = [relax.VarBinding(var_map.get(v, v), _substitute(value, var_map)) for v, value in bindings]
-    body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], _substitute(func.body.body, var_map))
+    new_bindings = [relax.VarBinding(var_map.get(v, v), substitute_vars(value, var_map)) for v, value in bindings]
+    body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], substitute_vars(func.body.body, var_map))
     return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
 
 
-def _substitute(expr: relax.Expr, var_map: dict[relax.Var, relax.Var]) -> relax.Expr:
+def substitute_vars(expr: relax.Expr, var_map: dict[relax.Var, relax.Var]) -> relax.Expr:
+    """``expr`` with variables replaced as ``var_map`` says (bindings, tuples and calls)."""
     if not var_map:
         return expr
     if isinstance(expr, relax.Var):
         return var_map.get(expr, expr)
     if isinstance(expr, relax.Tuple):
-        return relax.Tuple([_substitute(f, var_map) for f in expr.fields])
+        return relax.Tuple([substitute_vars(f, var_map) for f in expr.fields])
     if isinstance(expr, relax.TupleGetItem):
-        return relax.TupleGetItem(_substitute(expr.tuple_value, var_map), expr.index)
+        return relax.TupleGetItem(substitute_vars(expr.tuple_value, var_map), expr.index)
     if isinstance(expr, relax.Call):
-        return relax.Call(expr.op, [_substitute(a, var_map) for a in expr.args], expr.attrs, expr.ty_args, expr.span)
+        return relax.Call(
+            expr.op, [substitute_vars(a, var_map) for a in expr.args], expr.attrs, expr.ty_args, expr.span
+        )
     return expr
 
 

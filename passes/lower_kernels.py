@@ -12,6 +12,7 @@ from tvm import relax, tirx
 from cosched.errors import CoschedError
 
 from .channels_last import ChannelsLast
+from .concat_in_place import ConcatInPlace
 from .simplify_inference import SimplifyInference
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def LowerKernels(  # noqa: N802
     database: str | Path | None = None,
     weight_prepack: bool | None = None,
     channels_last: bool | None = None,
+    concat_in_place: bool | None = None,
 ) -> tvm.transform.Pass:
     """Simplify, legalize, fold and fuse main into TIR kernels, then apply tuned (or GPU default) schedules."""
     # Prepacking lets a tuned CPU kernel read its constant weights in the layout its loops want
@@ -85,4 +87,8 @@ def LowerKernels(  # noqa: N802
             ]
     if target.kind.name == "cuda":
         passes.append(_gpu_default_schedule(target))
+    # Writing into a concatenation changes its producers' workloads, so it follows the database:
+    # without one, the kernels stay as tuning extracts them.
+    if database is not None if concat_in_place is None else concat_in_place:
+        passes.append(ConcatInPlace())
     return tvm.transform.Sequential(passes, name="LowerKernels")

@@ -21,6 +21,8 @@ from cosched.passes.graph import (
     CALL_STREAM,
     CALL_TENANT,
     CALL_WAITS,
+    INPLACE_INDICES,
+    call_attrs,
     is_kernel_call,
     main_block,
     static_shape,
@@ -72,19 +74,36 @@ def extract_schedule(mod: tvm.IRModule) -> tuple[Schedule, dict[int, np.ndarray]
             return [symbolic(expr.tuple_value)[expr.index]]
         raise CoschedError(f"unsupported expression {type(expr).__name__} in main", hint="lower the module first")
 
-    calls = []  # (kernel id, call, args, output types, bound name) in issue order
+    calls = []  # (kernel id, call, inputs, outputs, output types, bound name) in issue order
     for binding in main_block(func).bindings:
         value = binding.value
         if not is_kernel_call(value):
             values[binding.var] = symbolic(value)
             continue
-        cattrs = value.attrs
-        if cattrs is None or CALL_STREAM not in cattrs:
+        cattrs = call_attrs(value)
+        if CALL_STREAM not in cattrs:
             raise CoschedError(f"kernel call {binding.var.name} has no stream", hint="run AnnotateStreams() last")
         kid = int(cattrs[CALL_KERNEL])
         out_types = _tensor_types(binding.var.ty)
-        values[binding.var] = [("out", kid, j) for j in range(len(out_types))]
-        calls.append((kid, value, symbolic(value.args[1]), out_types, binding.var.name))
+        args = symbolic(value.args[1])
+        inplace = [int(i) for i in cattrs.get(INPLACE_INDICES, [])]
+        if inplace:
+            # An in-place kernel's outputs are its last arguments, updated: no buffers of their own.
+            updated = args[len(args) - len(inplace) :]
+            if (
+                inplace != list(range(len(args) - len(inplace), len(args)))
+                or len(inplace) != len(out_types)
+                or any(a[0] != "out" for a in updated)
+            ):
+                raise CoschedError(
+                    f"kernel call {binding.var.name} updates arguments {inplace} in place",
+                    hint="cosched runs in-place kernels that update other kernels' results, passed last",
+                )
+            values[binding.var] = updated
+            args = args[: len(args) - len(inplace)]
+        else:
+            values[binding.var] = [("out", kid, j) for j in range(len(out_types))]
+        calls.append((kid, value, args, values[binding.var], out_types, binding.var.name))
 
     # Pass 2: number buffers canonically.
     buffers: list[Buffer] = []
@@ -101,27 +120,28 @@ def extract_schedule(mod: tvm.IRModule) -> tuple[Schedule, dict[int, np.ndarray]
     ):
         new_buffer(("in", i), param.ty, "input", tenants[int(owner)], str(name))
         tenant_io[int(owner)].inputs[str(name)] = ids[("in", i)]
-    for kid, call, args, out_types, name in sorted(calls, key=lambda c: c[0]):
+    for _kid, call, args, outs, out_types, name in sorted(calls, key=lambda c: c[0]):
         tenant = str(call.attrs[CALL_TENANT])
         for arg in args:
             if arg[0] == "const" and arg not in ids:
                 new_buffer(arg, arg[1].ty, "param", tenant, f"const{len(params)}")
                 params[ids[arg]] = arg[1].value.numpy()
-        for j, ty in enumerate(out_types):
-            new_buffer(("out", kid, j), ty, "intermediate", tenant, name)
+        for out, ty in zip(outs, out_types, strict=True):
+            if out not in ids:
+                new_buffer(out, ty, "intermediate", tenant, name)
 
     kernels = [
         Kernel(
             id=kid,
             func=call.args[0].name_hint,
             tenant=str(call.attrs[CALL_TENANT]),
-            args=[ids[a] for a in args] + [ids[("out", kid, j)] for j in range(len(out_types))],
-            num_outputs=len(out_types),
+            args=[ids[a] for a in args + outs],
+            num_outputs=len(outs),
             stream=int(call.attrs[CALL_STREAM]),
             order=int(call.attrs[CALL_ORDER]),
             waits=[int(w) for w in call.attrs[CALL_WAITS]],
         )
-        for kid, call, args, out_types, _ in calls
+        for kid, call, args, outs, _, _ in calls
     ]
     outputs = [ids[v] for v in symbolic(func.body.body)]
     for bid, owner in zip(outputs, attrs[ATTR_OUTPUT_TENANTS], strict=True):

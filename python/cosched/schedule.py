@@ -139,18 +139,17 @@ class Schedule:
         """The kernels of one stream in their order on it."""
         return sorted((k for k in self.kernels if k.stream == stream), key=lambda k: k.order)
 
-    def producers(self) -> dict[int, int]:
-        """Buffer id -> id of the kernel that writes it."""
-        out: dict[int, int] = {}
-        for k in self.kernels:
-            for b in k.outputs:
-                out[b] = k.id
-        return out
-
     def dependencies(self) -> dict[int, list[int]]:
-        """Kernel id -> ids of the kernels whose outputs it reads (read-after-write edges)."""
-        prod = self.producers()
-        return {k.id: sorted({prod[b] for b in k.inputs if b in prod}) for k in self.kernels}
+        """Kernel id -> ids of the kernels it must follow: the last earlier writer of each buffer it
+        reads or writes. Several kernels write one buffer when they fill its parts in place (a
+        concatenation's producers); each then follows the one before it."""
+        last_writer: dict[int, int] = {}
+        deps: dict[int, list[int]] = {}
+        for k in self.kernels:  # issue order
+            deps[k.id] = sorted({last_writer[b] for b in k.args if b in last_writer})
+            for b in k.outputs:
+                last_writer[b] = k.id
+        return deps
 
     def clocks(self) -> dict[int, list[int]]:
         """Vector clock at the *start* of each kernel: per stream, the highest order known finished.

@@ -1,0 +1,140 @@
+"""ConcatInPlace: a concatenation's producers write into its output; results and schedules stay right."""
+
+import numpy as np
+import pytest
+import tvm
+from onnx import helper, numpy_helper
+from tvm import relax
+
+import cosched
+from cosched import tuning
+from cosched.models import graph_model
+from cosched.passes import LowerKernels
+from cosched.passes.graph import CALL_TIR_INPLACE, main_block
+from cosched.runtime.memory import plan_memory
+from cosched.target import host_target
+
+TARGET = host_target()
+
+
+def fire_model(name: str, seed: int, concat_squeeze: bool = False):
+    """SqueezeNet's fire module: squeeze 1x1, then 1x1 and 3x3 expansions concatenated on channels.
+
+    ``concat_squeeze`` also concatenates the squeeze output, which the expansions read as well.
+    """
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def conv(x: str, out: str, cin: int, cout: int, k: int) -> list:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (cout, cin, k, k)).astype("float32"), f"{out}_w"))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, cout).astype("float32"), f"{out}_b"))
+        pads = [k // 2] * 4
+        return [
+            helper.make_node("Conv", [x, f"{out}_w", f"{out}_b"], [f"{out}_c"], pads=pads),
+            helper.make_node("Relu", [f"{out}_c"], [out]),
+        ]
+
+    nodes = conv("x", "s", 3, 4, 1) + conv("s", "e1", 4, 6, 1) + conv("s", "e3", 4, 5, 3)
+    parts = ["e1", "e3", "s"] if concat_squeeze else ["e1", "e3"]
+    channels = 6 + 5 + (4 if concat_squeeze else 0)
+    nodes.append(helper.make_node("Concat", parts, ["cat"], axis=1))
+    nodes += conv("cat", "y", channels, 4, 1)
+    nodes.append(helper.make_node("GlobalAveragePool", ["y"], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["out"]))
+    return graph_model(name, nodes, inits, ("x", [1, 3, 12, 12]), ("out", [1, 4]))
+
+
+def kernel_calls(mod: tvm.IRModule) -> list[relax.Call]:
+    return [b.value for b in main_block(mod["main"]).bindings if isinstance(b.value, relax.Call)]
+
+
+def callees(mod: tvm.IRModule) -> list[str]:
+    return [c.args[0].name_hint for c in kernel_calls(mod)]
+
+
+def run_vm(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target=TARGET), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
+@pytest.fixture(scope="module")
+def fire():
+    return cosched.load_onnx(fire_model("fire", seed=0), name="fire")
+
+
+@pytest.fixture(scope="module")
+def fire_db(fire, tmp_path_factory):
+    """One trial per kernel: enough for scheduled (split, parallel, vectorized) kernels to rewrite."""
+    work_dir = tmp_path_factory.mktemp("fire_db")
+    tuning.tune_modules([LowerKernels(TARGET)(fire.mod)], TARGET, work_dir, trials_per_task=1, progress=False)
+    return work_dir
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(1).standard_normal((1, 3, 12, 12)).astype("float32")
+
+
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "untuned"])
+def test_producers_write_into_concatenation(fire, fire_db, x, tuned):
+    """The copy kernel is gone, the second producer updates the first one's output, results are equal."""
+    database = fire_db if tuned else None
+    plain = LowerKernels(TARGET, database, concat_in_place=False)(fire.mod)
+    in_place = LowerKernels(TARGET, database, concat_in_place=True)(fire.mod)
+    assert any(n.startswith("concatenate") for n in callees(plain))
+    assert not any(n.startswith("concatenate") for n in callees(in_place)), callees(in_place)
+    calls = kernel_calls(in_place)
+    assert len(calls) == len(kernel_calls(plain)) - 1
+    updates = [c for c in calls if c.op.same_as(CALL_TIR_INPLACE)]
+    assert len(updates) == 1
+    assert sum("_into_" in n for n in callees(in_place)) == 2, callees(in_place)
+    np.testing.assert_array_equal(run_vm(in_place, x), run_vm(plain, x))
+
+
+def test_default_follows_the_database(fire, fire_db):
+    """Tuning extracts the kernels without a database: they must stay as the database records them."""
+    assert any(n.startswith("concatenate") for n in callees(LowerKernels(TARGET)(fire.mod)))
+    assert not any(n.startswith("concatenate") for n in callees(LowerKernels(TARGET, fire_db)(fire.mod)))
+
+
+def test_channels_first_concatenation(fire, x):
+    """Channels-first kernels (the GPU layout) concatenate on axis 1: the producers shift that axis."""
+    plain = LowerKernels(TARGET, channels_last=False, concat_in_place=False)(fire.mod)
+    in_place = LowerKernels(TARGET, channels_last=False, concat_in_place=True)(fire.mod)
+    assert not any(n.startswith("concatenate") for n in callees(in_place))
+    np.testing.assert_array_equal(run_vm(in_place, x), run_vm(plain, x))
+
+
+def test_input_read_elsewhere_keeps_the_concatenation(x):
+    """A part that other kernels read too cannot live inside the concatenation: nothing is rewritten."""
+    tenant = cosched.load_onnx(fire_model("fire3", seed=2, concat_squeeze=True), name="fire3")
+    in_place = LowerKernels(TARGET, concat_in_place=True)(tenant.mod)
+    assert any(n.startswith("concatenate") for n in callees(in_place))
+    assert not any(c.op.same_as(CALL_TIR_INPLACE) for c in kernel_calls(in_place))
+
+
+@pytest.mark.parametrize("policy", ["tenant", "round_robin"])
+def test_bundle_orders_the_writers(fire, fire_db, x, policy):
+    """In a bundle the writers of one buffer are ordered, the memory plan keeps it whole, outputs match."""
+    other = cosched.load_onnx(fire_model("other", seed=3), name="other")
+    bundle = cosched.compile([fire, other], target=TARGET, database=fire_db, num_streams=2, policy=policy)
+    schedule = bundle.schedule
+    schedule.validate()
+    writers: dict[int, list[int]] = {}
+    for k in schedule.kernels:
+        for b in k.outputs:
+            writers.setdefault(b, []).append(k.id)
+    shared = {b: ks for b, ks in writers.items() if len(ks) > 1}
+    assert len(shared) == 2, shared  # one concatenation per tenant
+    deps = schedule.dependencies()
+    for first, second in shared.values():
+        assert first in deps[second]
+    plan = plan_memory(schedule)
+    for b in shared:
+        assert b in plan.buffer_storage
+    inputs = {"fire": {"x": x}, "other": {"x": x}}
+    got = bundle.run(inputs)
+    for tenant in (fire, other):
+        expected = run_vm(LowerKernels(TARGET, fire_db, concat_in_place=False)(tenant.mod), x)
+        np.testing.assert_allclose(got[tenant.name][0], expected, rtol=1e-6, atol=1e-6)
