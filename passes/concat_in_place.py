@@ -134,7 +134,8 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
             widened = _write_into(mod[producer.args[0]], out_shape, axis, offset)
             if widened is None:
                 break
-            name = f"{producer.args[0].name_hint}_into_{b.var.name}"
+            # One kernel may feed several parts (Inception's twin branches): the offset tells them apart.
+            name = f"{producer.args[0].name_hint}_into_{b.var.name}_{offset}"
             rewritten.append((position[part], producer, name, widened))
         if len(rewritten) != len(parts):
             continue

@@ -130,3 +130,16 @@ def test_passes_compose_in_a_sequential(demo_tenants):
     assert "cosched.schedule" in text and "waits=[" in text
     schedule, _ = extract_schedule(mod)
     assert {k.tenant for k in schedule.kernels} == {"squeezenet", "shufflenet", "inception_v1"}
+
+
+def test_schedule_ir_versions(tiny_bundle):
+    """Version 1 (one writer per buffer) still loads; an unknown version is refused, not misread."""
+    from cosched.schedule import SCHEMA_VERSION
+
+    data = tiny_bundle.schedule.to_dict()
+    assert data["version"] == SCHEMA_VERSION == 2
+    data["version"] = 1
+    assert Schedule.from_dict(data).kernels == tiny_bundle.schedule.kernels
+    data["version"] = 99
+    with pytest.raises(CoschedError, match="version 99 is not supported"):
+        Schedule.from_dict(data)

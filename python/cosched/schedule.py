@@ -12,7 +12,10 @@ from pathlib import Path
 
 from .errors import CoschedError
 
-SCHEMA_VERSION = 1
+# 2: several kernels may write one buffer (in-place updates, e.g. a concatenation's producers).
+# A version-1 reader would take the later writers' waits for redundant, so it is told apart.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data: dict) -> Schedule:
-        if data.get("version") != SCHEMA_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise CoschedError(
                 f"schedule IR version {data.get('version')} is not supported (expected {SCHEMA_VERSION})",
                 hint="re-export the bundle with this version of cosched",
@@ -110,7 +113,7 @@ class Schedule:
             strategy=data.get("strategy", ""),
             policy=data.get("policy", ""),
             cores=data.get("cores", 1),
-            version=data["version"],
+            version=SCHEMA_VERSION,
         )
 
     def to_json(self, indent: int | None = 1) -> str:

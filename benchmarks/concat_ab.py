@@ -1,0 +1,75 @@
+"""Concatenation in place against the copy kernel, each model alone on the Relax VM, with ONNX Runtime.
+
+    python benchmarks/concat_ab.py --mix demo --models squeezenet inception_v1 --repeat 40 \
+        > benchmarks/results/concat-ab-demo.txt
+
+Per model: the mix's shipped database lowered twice, with ``ConcatInPlace`` (the default) and
+without it (``concat_in_place=False``: the producers write their own tensors, a kernel copies them
+into the concatenation), and ONNX Runtime's default session, all alternated in one process.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import numpy as np
+import tvm
+
+import cosched
+from cosched import bench
+from cosched.compare import MIXES, load_models, make_inputs, shipped_database
+from cosched.passes import LowerKernels
+from cosched.target import host_target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mix", default="demo", choices=list(MIXES))
+    parser.add_argument("--models", nargs="*", default=None, help="a subset of the mix's models")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=40)
+    args = parser.parse_args()
+    database = shipped_database(args.mix)
+    threads = args.threads or os.cpu_count() or 1
+    target = host_target(threads)
+    print(bench.header(threads, target))
+    print(f"database: {database or 'none (untuned kernels)'}; {args.repeat} rounds, alternated")
+    models = load_models(args.models or MIXES[args.mix])
+    rows = []
+    for name, model in models.items():
+        tenant = cosched.load_onnx(model, name=name)
+        inputs = make_inputs([tenant])
+        contenders = []
+        for label, in_place in (("copy", False), ("in-place", True)):
+            exe = tvm.compile(LowerKernels(target, database, concat_in_place=in_place)(tenant.mod), target=target)
+            contenders.append(
+                bench.relax_vm_sequential(
+                    [tenant], inputs, target, threads, executables={name: exe}, name=label, measure_memory=False
+                )
+            )
+        contenders.append(bench.ort_sequential({name: model}, inputs, threads, measure_memory=False, name="ort"))
+        copy, in_place = (c.run_once()[name][0] for c in contenders[:2])
+        if not np.array_equal(copy, in_place):
+            raise SystemExit(f"{name}: outputs differ by {np.abs(copy - in_place).max()}")
+        results = {r.name: r for r in bench.measure(contenders, repeat=args.repeat)}
+        for c in contenders:
+            if c.close:
+                c.close()
+        rows.append((name, results))
+    print(f"\n{'model':<14} {'copy ms':>8} {'in-place ms':>11} {'ORT ms':>8}  {'in-place speedup':<22} in-place/ORT")
+    for name, r in rows:
+        gain = bench.speedup(r["copy"], r["in-place"])
+        over_ort = bench.speedup(r["in-place"], r["ort"])
+        print(
+            f"{name:<14} {r['copy'].median_ms:8.2f} {r['in-place'].median_ms:11.2f} {r['ort'].median_ms:8.2f}"
+            f"  {gain:x}{'':<4} {over_ort:x}"
+        )
+    print("\nspeedup: copy / in-place medians; in-place/ORT: in-place time over ORT's (<= 1.0 is the goal);")
+    print("[low-high]: 95% bootstrap interval over paired rounds.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
