@@ -27,13 +27,16 @@ def _is_concat(func: tirx.PrimFunc, num_inputs: int, axis: int) -> bool:
         return False
     # The parameters' own shapes, so index types (int64 after legalization) match too.
     ins = [te.placeholder(p.ty.shape, p.ty.dtype) for p in func.params[:-1]]
-    ref = _blocks(te.create_prim_func([*ins, topi.concatenate(ins, axis)]))
-    got = _blocks(func)
+    ref_func = te.create_prim_func([*ins, topi.concatenate(ins, axis)])
+    ref, got = _blocks(ref_func), _blocks(func)
     if len(got) != 1 or len(ref) != 1:
         return False
-    # Buffers are free in a lone block: map them in parameter order.
+    # The parameters come first, so their buffers map in parameter order: a kernel that
+    # concatenated its inputs in another order would not match.
     return tvm_ffi.structural_equal(
-        [got[0].iter_vars, got[0].body], [ref[0].iter_vars, ref[0].body], map_free_vars=True
+        [list(func.params), got[0].iter_vars, got[0].body],
+        [list(ref_func.params), ref[0].iter_vars, ref[0].body],
+        map_free_vars=True,
     )
 
 

@@ -79,6 +79,27 @@ def x():
     return np.random.default_rng(1).standard_normal((1, 3, 12, 12)).astype("float32")
 
 
+def test_recognises_concatenations_by_their_block():
+    """TVM's concatenation matches (scheduled or not); the same inputs swapped or another copy do not."""
+    from tvm import te, topi
+
+    from cosched.passes.concat_in_place import _concat_axis
+
+    a, b = te.placeholder((1, 4, 4, 3), name="a"), te.placeholder((1, 4, 4, 3), name="b")
+    shapes, out = [[1, 4, 4, 3]] * 2, [1, 4, 4, 6]
+    concat = te.create_prim_func([a, b, topi.concatenate([a, b], 3)])
+    scheduled = tvm.s_tir.Schedule(concat)
+    loops = scheduled.get_loops(scheduled.get_sblock("T_concat"))
+    scheduled.parallel(scheduled.fuse(*loops[:3]))
+    scheduled.vectorize(loops[3])
+    swapped = te.create_prim_func([a, b, topi.concatenate([b, a], 3)])
+    gather = te.create_prim_func([a, b, te.compute((1, 4, 4, 6), lambda n, h, w, k: a[n, h, w, k % 3])])
+    assert _concat_axis(concat, shapes, out) == 3
+    assert _concat_axis(scheduled.mod["main"], shapes, out) == 3
+    assert _concat_axis(swapped, shapes, out) is None
+    assert _concat_axis(gather, shapes, out) is None
+
+
 @pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "untuned"])
 def test_producers_write_into_concatenation(fire, fire_db, x, tuned):
     """The copy kernel is gone, the second producer updates the first one's output, results are equal."""
