@@ -8,7 +8,6 @@ without it (``concat_in_place=False``: the producers write their own tensors, a 
 into the concatenation), and ONNX Runtime's default session, all alternated in one process.
 """
 
-import argparse
 import os
 import sys
 
@@ -19,18 +18,13 @@ import tvm
 
 import cosched
 from cosched import bench
-from cosched.compare import MIXES, load_models, make_inputs, shipped_database
+from cosched.compare import MIXES, load_models, make_inputs, model_parser, shipped_database
 from cosched.passes import LowerKernels
 from cosched.target import host_target
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mix", default="demo", choices=list(MIXES))
-    parser.add_argument("--models", nargs="*", default=None, help="a subset of the mix's models")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=40)
-    args = parser.parse_args()
+    args = model_parser(__doc__.splitlines()[0]).parse_args()
     database = shipped_database(args.mix)
     threads = args.threads or os.cpu_count() or 1
     target = host_target(threads)

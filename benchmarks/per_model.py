@@ -7,24 +7,18 @@ narrow enough to tell 0.95 from 1.05 on a noisy machine: the interval narrows wi
 of the rounds. The mix's shipped database, the Relax VM (cosched's kernels), ORT's default session.
 """
 
-import argparse
 import os
 import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 from cosched import bench
-from cosched.compare import MIXES, format_models, load_models, shipped_database, time_models
+from cosched.compare import MIXES, format_models, load_models, model_parser, shipped_database, time_models
 from cosched.target import host_target
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mix", default="demo", choices=list(MIXES))
-    parser.add_argument("--models", nargs="*", default=None, help="a subset of the mix's models")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=40)
-    args = parser.parse_args()
+    args = model_parser(__doc__.splitlines()[0]).parse_args()
     database = shipped_database(args.mix)
     threads = args.threads or os.cpu_count() or 1
     print(bench.header(threads, host_target()))

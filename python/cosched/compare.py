@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,16 @@ def load_models(specs: Sequence[str], seed: int = 0) -> dict[str, onnx.ModelProt
             name, i = f"{base}_{i}", i + 1
         models[name] = model
     return models
+
+
+def model_parser(description: str, repeat: int = 40) -> argparse.ArgumentParser:
+    """Arguments of the scripts that time a mix's models one by one: --mix, --models, --threads, --repeat."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--mix", default="demo", choices=list(MIXES))
+    parser.add_argument("--models", nargs="*", default=None, help="a subset of the mix's models")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=repeat)
+    return parser
 
 
 def shipped_database(mix: str = "demo") -> Path | None:
