@@ -7,6 +7,7 @@ from onnx import helper, numpy_helper
 from tvm import relax
 
 import cosched
+import cosched.runtime
 from cosched import tuning
 from cosched.compare import make_inputs
 from cosched.models import graph_model, light_model
@@ -149,8 +150,9 @@ def test_input_read_elsewhere_keeps_the_concatenation(x):
 
 
 @pytest.mark.parametrize("policy", ["tenant", "round_robin"])
-def test_bundle_orders_the_writers(fire, fire_db, x, policy):
-    """In a bundle the writers of one buffer are ordered, the memory plan keeps it whole, outputs match."""
+def test_bundle_orders_the_writers(fire, fire_db, x, policy, tmp_path):
+    """In a bundle the writers of one buffer are ordered, the memory plan keeps it whole, outputs match,
+    also after export and reload."""
     other = cosched.load_onnx(fire_model("other", seed=3), name="other")
     bundle = cosched.compile([fire, other], target=TARGET, database=fire_db, num_streams=2, policy=policy)
     schedule = bundle.schedule
@@ -168,10 +170,11 @@ def test_bundle_orders_the_writers(fire, fire_db, x, policy):
     for b in shared:
         assert b in plan.buffer_storage
     inputs = {"fire": {"x": x}, "other": {"x": x}}
-    got = bundle.run(inputs)
-    for tenant in (fire, other):
-        expected = run_vm(LowerKernels(TARGET, fire_db, concat_in_place=False)(tenant.mod), x)
-        np.testing.assert_allclose(got[tenant.name][0], expected, rtol=1e-6, atol=1e-6)
+    reloaded = cosched.runtime.load(bundle.export(tmp_path / "bundle"))  # schedule IR version 2 on disk
+    for got in (bundle.run(inputs), reloaded.run(inputs)):
+        for tenant in (fire, other):
+            expected = run_vm(LowerKernels(TARGET, fire_db, concat_in_place=False)(tenant.mod), x)
+            np.testing.assert_array_equal(got[tenant.name][0], expected)
 
 
 @pytest.mark.parametrize("name", ["squeezenet", "inception_v2"])
