@@ -109,10 +109,10 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
             return None
         return value
 
-    new_values: dict[int, relax.Expr] = {}
-    new_funcs: dict[str, tirx.PrimFunc] = {}
-    final_var: dict[int, relax.Var] = {}
-    dropped: set[int] = set()
+    builder = relax.BlockBuilder(mod)
+    new_values: dict[int, relax.Call] = {}  # binding index -> the producer's new call
+    final_var: dict[int, relax.Var] = {}  # last writer's binding index -> the concatenation's variable
+    dropped: set[int] = set()  # the concatenations' bindings
     for i, b in enumerate(bindings):
         call = b.value
         if not (isinstance(call, relax.Call) and call.op.same_as(CALL_TIR)):
@@ -122,61 +122,50 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         if not isinstance(callee, tirx.PrimFunc) or out_shape is None or not isinstance(call.args[1], relax.Tuple):
             continue
         parts = list(call.args[1].fields)
-        if len(parts) < 2:
-            continue
         producers = [tir_producer(p) for p in parts]
-        if any(p is None for p in producers) or len(set(parts)) != len(parts):
+        if len(parts) < 2 or any(p is None for p in producers) or len(set(parts)) != len(parts):
             continue
         shapes = [static_shape(p.ty) for p in parts]
         axis = _concat_axis(callee, shapes, out_shape)
         if axis is None:
             continue
         offsets = [sum(s[axis] for s in shapes[:k]) for k in range(len(shapes))]
-        rewritten = []
-        for part, producer, offset in zip(parts, producers, offsets, strict=True):
-            widened = _write_into(mod[producer.args[0]], out_shape, axis, offset)
-            if widened is None:
-                break
-            # One kernel may feed several parts (Inception's twin branches): the offset tells them apart.
-            name = f"{producer.args[0].name_hint}_into_{b.var.name}_{offset}"
-            rewritten.append((position[part], producer, name, widened))
-        if len(rewritten) != len(parts):
+        widened = [_write_into(mod[p.args[0]], out_shape, axis, o) for p, o in zip(producers, offsets, strict=True)]
+        if any(w is None for w in widened):
             continue
         # The first writer allocates the concatenation; each later one updates it in place, which
         # also orders the writers (they write disjoint slices, but the storage must exist first).
-        whole = None
-        for index, producer, name, widened in sorted(rewritten, key=lambda r: r[0]):
-            gv = relax.GlobalVar(name)
-            new_funcs[name] = widened
+        previous = None
+        for part, producer, offset, kernel in sorted(
+            zip(parts, producers, offsets, widened, strict=True), key=lambda r: position[r[0]]
+        ):
+            # One kernel may feed several parts (Inception's twin branches): the offset tells them apart.
+            gv = builder.add_func(kernel, f"{producer.args[0].name_hint}_into_{b.var.name}_{offset}")
             args = list(producer.args[1].fields)
-            if whole is None:
+            index = position[part]
+            if previous is None:
                 new_values[index] = relax.call_tir(gv, relax.Tuple(args), b.var.ty)
             else:
-                previous = bindings[whole].var
-                new_values[index] = relax.op.call_tir_inplace(gv, relax.Tuple([*args, previous]), [len(args)], b.var.ty)
-            whole = index
+                updated = bindings[previous].var
+                new_values[index] = relax.op.call_tir_inplace(gv, relax.Tuple([*args, updated]), [len(args)], b.var.ty)
+            previous = index
         # The last writer binds the concatenation's own variable (it may be a dataflow output).
-        final_var[whole] = b.var
+        final_var[previous] = b.var
         dropped.add(i)
     if not new_values:
         return mod
-    builder = relax.BlockBuilder(mod)
-    gvars = {name: builder.add_func(widened, name) for name, widened in new_funcs.items()}
-    new_mod = builder.get()
     var_map: dict[relax.Var, relax.Var] = {}
     new_bindings = []
     for i, b in enumerate(bindings):
         if i in dropped:
             continue
         value = new_values.get(i, b.value)
-        if i in new_values:
-            callee = gvars[value.args[0].name_hint]
-            value = relax.Call(value.op, [callee, *value.args[1:]], value.attrs, value.ty_args, value.span)
+        if i in new_values:  # the producer's result is now the whole concatenation
             var_map[b.var] = final_var[i] if i in final_var else relax.DataflowVar(b.var.name, value.ty_args[0])
         new_bindings.append(relax.VarBinding(var_map.get(b.var, b.var), substitute_vars(value, var_map)))
     body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], substitute_vars(func.body.body, var_map))
-    main = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-    new_mod["main"] = main
+    new_mod = builder.get()
+    new_mod["main"] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
     return relax.transform.DeadCodeElimination(["main"])(new_mod)
 
 
