@@ -44,13 +44,11 @@ def main() -> int:
                 )
             )
         contenders.append(bench.ort_sequential({name: model}, inputs, threads, measure_memory=False, name="ort"))
-        copy, in_place = (c.run_once()[name][0] for c in contenders[:2])
-        if not np.array_equal(copy, in_place):
-            raise SystemExit(f"{name}: outputs differ by {np.abs(copy - in_place).max()}")
-        results = {r.name: r for r in bench.measure(contenders, repeat=args.repeat)}
-        for c in contenders:
-            if c.close:
-                c.close()
+        with bench.closing(contenders):
+            copy, in_place = (c.run_once()[name][0] for c in contenders[:2])
+            if not np.array_equal(copy, in_place):
+                raise SystemExit(f"{name}: outputs differ by {np.abs(copy - in_place).max()}")
+            results = {r.name: r for r in bench.measure(contenders, repeat=args.repeat)}
         rows.append((name, results))
     print(f"\n{'model':<14} {'copy ms':>8} {'in-place ms':>11} {'ORT ms':>8}  {'in-place speedup':<22} in-place/ORT")
     for name, r in rows:
