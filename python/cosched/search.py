@@ -30,6 +30,8 @@ NUM_FEATURES = 21
 MAX_STREAMS = 4
 SEARCHED_SCHEDULE = "searched_schedule.json"
 """The file in a search's ``work_dir`` that holds the winning schedule."""
+SETTLE_S = 0.3
+"""Idle pause before each measured run (see ``_measure_results``)."""
 
 
 @dataclass
@@ -359,7 +361,7 @@ def measure(
     schedules: list[Schedule],
     inputs,
     repeat: int = 5,
-    settle_s: float = 0.3,
+    settle_s: float = SETTLE_S,
     copies: int = 1,
 ) -> list[float]:
     """Median latency (ms) of each schedule, runs alternated across schedules.
@@ -370,7 +372,9 @@ def measure(
     return [r.median_ms for r in _measure_results(bundle, schedules, inputs, repeat, settle_s, copies)]
 
 
-def _measure_results(bundle, schedules: list[Schedule], inputs, repeat: int, settle_s: float, copies: int) -> list:
+def _measure_results(
+    bundle, schedules: list[Schedule], inputs, repeat: int, settle_s: float = SETTLE_S, copies: int = 1
+) -> list:
     """``measure``, as ``bench.Result`` objects (the reference's holds every copy's samples)."""
     from . import bench
 
@@ -491,7 +495,7 @@ def search(
     # again, together, with twice the runs, and the winner is picked from that round alone.
     finalists = sorted(measured, key=lambda c: c.measured)[:confirm]
     results = _measure_results(
-        bundle, [sequential] + [c.schedule for c in finalists], inputs, 2 * repeat, 0.3, reference_copies
+        bundle, [sequential] + [c.schedule for c in finalists], inputs, 2 * repeat, copies=reference_copies
     )
     times = [r.median_ms for r in results]
     seq_ms.append(times[0])
