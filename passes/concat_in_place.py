@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import tvm
 import tvm_ffi
 from tvm import relax, te, tirx, topi
 from tvm.ir.expr import TensorLoad, TensorRegion
 from tvm.s_tir import SBlock
 
-from .graph import CALL_TIR, main_block, static_shape, substitute_vars
+from .graph import CALL_TIR, main_block, static_shape
 
 
 def _blocks(func: tirx.PrimFunc) -> list[SBlock]:
@@ -51,22 +53,26 @@ def _concat_axis(func: tirx.PrimFunc, shapes: list[list[int]], out_shape: list[i
     return None
 
 
-def _write_into(func: tirx.PrimFunc, shape: list[int], axis: int, offset: int) -> tirx.PrimFunc | None:
-    """``func`` with its output (last parameter) widened to ``shape``, written at ``offset`` along ``axis``."""
-    out = func.params[-1]
-    full = tirx.decl_buffer(shape, out.ty.dtype, name=out.name)
+def _widen(func: tirx.PrimFunc, index: int, shape: list[int], axis: int, offset: int) -> tirx.PrimFunc:
+    """``func`` with parameter ``index`` widened to ``shape`` and accessed at ``offset`` along ``axis``.
+
+    The output parameter widened makes the kernel write its slice of a concatenation; an input
+    widened makes it read a slice (a part, or an earlier concatenation in a chain) from there.
+    """
+    param = func.params[index]
+    full = tirx.decl_buffer(shape, param.ty.dtype, name=param.name)
 
     def shift(indices):
         return [i + offset if d == axis else i for d, i in enumerate(indices)]
 
     def load(node: TensorLoad):
-        return tirx.BufferLoad(full, shift(node.indices)) if node.source.same_as(out) else node
+        return tirx.BufferLoad(full, shift(node.indices)) if node.source.same_as(param) else node
 
     def store(node: tirx.stmt.BufferStore):
-        return tirx.BufferStore(full, node.value, shift(node.indices)) if node.buffer.same_as(out) else node
+        return tirx.BufferStore(full, node.value, shift(node.indices)) if node.buffer.same_as(param) else node
 
     def region(node: TensorRegion):
-        if not node.source.same_as(out):
+        if not node.source.same_as(param):
             return node
         ranges = [
             tvm.ir.Range.from_min_extent(r.min + offset, r.extent) if d == axis else r
@@ -74,96 +80,185 @@ def _write_into(func: tirx.PrimFunc, shape: list[int], axis: int, offset: int) -
         ]
         return tirx.BufferRegion(full, ranges)
 
-    # A buffer matched onto a region would need its own offset; schedules cosched applies make none.
-    if any(len(block.match_buffers) for block in _blocks(func)):
-        return None
     body = tvm_ffi.structural_map(
         func.body, [(TensorLoad, load), (tirx.stmt.BufferStore, store), (TensorRegion, region)]
     )
-    return tirx.PrimFunc([*func.params[:-1], full], body, func.ret_type, func.attrs)
+    params = list(func.params)
+    params[index] = full
+    return tirx.PrimFunc(params, body, func.ret_type, func.attrs)
+
+
+def _has_match_buffers(func: tirx.PrimFunc) -> bool:
+    # A buffer matched onto a region would need its own offset; schedules cosched applies make none.
+    return any(len(block.match_buffers) for block in _blocks(func))
+
+
+@dataclass
+class _Concat:
+    """A concatenation kernel's binding: its parts (variables) and where each starts along ``axis``."""
+
+    axis: int
+    parts: list[relax.Var]
+    offsets: list[int]
+
+
+@dataclass
+class _Root:
+    """A concatenation whose buffer its parts' producers write; chained concatenations become views."""
+
+    var: relax.Var
+    shape: list[int]
+    axis: int
+    writers: dict[int, int] = field(default_factory=dict)  # producer's binding index -> offset
+    views: dict[relax.Var, int] = field(default_factory=dict)  # variable read elsewhere -> offset
+    dropped: set[int] = field(default_factory=set)  # the concatenations' own bindings
 
 
 def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
     func = mod["main"]
-    block = main_block(func)
-    bindings = list(block.bindings)
+    bindings = list(main_block(func).bindings)
     position = {b.var: i for i, b in enumerate(bindings)}
-    uses: dict[relax.Var, int] = {}
+    readers: dict[relax.Var, list[int]] = {}  # variable -> bindings that pass it to a kernel
+    elsewhere: set[relax.Var] = set()  # variables used any other way (returned, in a tuple, ...)
 
-    def count(expr) -> None:
-        tvm_ffi.structural_walk(expr, [(relax.Var, lambda v: uses.__setitem__(v, uses.get(v, 0) + 1))])
-
-    for b in bindings:
-        count(b.value)
-    count(func.body.body)
-
-    def tir_producer(var) -> relax.Call | None:
-        """The single-output call_tir that binds ``var``, if nothing else reads it."""
-        if not isinstance(var, relax.Var) or var not in position or uses.get(var) != 1:
-            return None
-        value = bindings[position[var]].value
+    def kernel(i: int) -> tirx.PrimFunc | None:
+        """The PrimFunc binding ``i`` calls with plain ``call_tir`` (one output, no extra TIR args)."""
+        value = bindings[i].value
         if not (isinstance(value, relax.Call) and value.op.same_as(CALL_TIR) and len(value.args) == 2):
             return None
         callee = mod[value.args[0]]
-        if not isinstance(callee, tirx.PrimFunc) or static_shape(var.ty) is None:
+        if not isinstance(callee, tirx.PrimFunc) or not isinstance(value.args[1], relax.Tuple):
             return None
-        return value
+        return callee if static_shape(bindings[i].var.ty) is not None else None
+
+    def note(expr, i: int | None) -> None:
+        args = expr.args[1].fields if i is not None and kernel(i) is not None else []
+        for arg in args:
+            if isinstance(arg, relax.Var):
+                readers.setdefault(arg, []).append(i)
+        found: list[relax.Var] = []
+        tvm_ffi.structural_walk(expr, [(relax.Var, found.append)])
+        for var in found:
+            if not any(var.same_as(a) for a in args):
+                elsewhere.add(var)
+
+    for i, b in enumerate(bindings):
+        note(b.value, i)
+    note(func.body.body, None)
+
+    concats: dict[int, _Concat] = {}
+    for i, b in enumerate(bindings):
+        callee = kernel(i)
+        if callee is None:
+            continue
+        parts = list(b.value.args[1].fields)
+        shapes = [static_shape(p.ty) for p in parts]
+        if len(parts) < 2 or any(s is None for s in shapes) or len({id(p) for p in parts}) != len(parts):
+            continue
+        axis = _concat_axis(callee, shapes, static_shape(b.var.ty))
+        if axis is not None:
+            offsets = [sum(s[axis] for s in shapes[:k]) for k in range(len(shapes))]
+            concats[i] = _Concat(axis, parts, offsets)
+
+    def expand(i: int, base: int, root: _Root, claimed: set) -> bool:
+        """Add concatenation ``i``'s parts, at ``base`` in ``root``: producers write, chains nest."""
+        concat = concats[i]
+        root.dropped.add(i)
+        for part, offset in zip(concat.parts, concat.offsets, strict=True):
+            j = position.get(part)
+            # Besides this concatenation, only kernels may read a part: they read its slice instead.
+            others = [r for r in readers.get(part, []) if r != i]
+            if j is None or j in claimed or j in root.writers or j in root.dropped or part in elsewhere:
+                return False
+            nested = concats.get(j)
+            if nested is not None and nested.axis == concat.axis:
+                if not expand(j, base + offset, root, claimed):
+                    return False
+            elif kernel(j) is not None:
+                root.writers[j] = base + offset
+            else:
+                return False
+            if others:
+                root.views[part] = base + offset
+        return True
+
+    roots: list[_Root] = []
+    claimed: set[int] = set()
+    # Last first, so a chain is taken whole from its end (DenseNet: each block's concatenations).
+    for i in sorted(concats, reverse=True):
+        if i in claimed:
+            continue
+        root = _Root(bindings[i].var, static_shape(bindings[i].var.ty), concats[i].axis)
+        if not expand(i, 0, root, claimed):
+            continue
+        view_readers = {r for v in root.views for r in readers[v] if r not in root.dropped}
+        # A writer that read its own buffer would pass it twice to one in-place call.
+        if view_readers & root.writers.keys() or any(_has_match_buffers(kernel(r)) for r in view_readers):
+            continue
+        if any(_has_match_buffers(kernel(j)) for j in root.writers):
+            continue
+        claimed |= root.dropped | root.writers.keys()
+        roots.append(root)
+    if not roots:
+        return mod
+
+    # Each binding's new kernel: inputs read from a root, its output written into one, or both.
+    reads: dict[int, list[tuple[int, _Root, int]]] = {}  # binding -> (argument index, root, offset)
+    writes: dict[int, _Root] = {}
+    for root in roots:
+        for j in root.writers:
+            writes[j] = root
+        for var, offset in root.views.items():
+            for r in readers[var]:
+                if r not in root.dropped:
+                    args = bindings[r].value.args[1].fields
+                    reads.setdefault(r, []).extend((k, root, offset) for k, a in enumerate(args) if a.same_as(var))
+    # The first writer allocates the root, each later one updates it in place, which orders them
+    # (the slices are disjoint, but the storage must exist first); the last binds the root's variable.
+    version: dict[int, relax.Var] = {}
+    for root in roots:
+        order = sorted(root.writers)
+        for n, j in enumerate(order):
+            last = n == len(order) - 1
+            version[j] = root.var if last else relax.DataflowVar(f"{root.var.name}_{n}", root.var.ty)
+
+    def current(root: _Root, i: int) -> relax.Var:
+        """The root as the last of its writers before binding ``i`` left it."""
+        return version[max(j for j in root.writers if j < i)]
 
     builder = relax.BlockBuilder(mod)
-    new_values: dict[int, relax.Call] = {}  # binding index -> the producer's new call
-    final_var: dict[int, relax.Var] = {}  # last writer's binding index -> the concatenation's variable
-    dropped: set[int] = set()  # the concatenations' bindings
-    for i, b in enumerate(bindings):
-        call = b.value
-        if not (isinstance(call, relax.Call) and call.op.same_as(CALL_TIR)):
-            continue
-        callee = mod[call.args[0]]
-        out_shape = static_shape(b.var.ty)
-        if not isinstance(callee, tirx.PrimFunc) or out_shape is None or not isinstance(call.args[1], relax.Tuple):
-            continue
-        parts = list(call.args[1].fields)
-        producers = [tir_producer(p) for p in parts]
-        if len(parts) < 2 or any(p is None for p in producers) or len(set(parts)) != len(parts):
-            continue
-        shapes = [static_shape(p.ty) for p in parts]
-        axis = _concat_axis(callee, shapes, out_shape)
-        if axis is None:
-            continue
-        offsets = [sum(s[axis] for s in shapes[:k]) for k in range(len(shapes))]
-        widened = [_write_into(mod[p.args[0]], out_shape, axis, o) for p, o in zip(producers, offsets, strict=True)]
-        if any(w is None for w in widened):
-            continue
-        # The first writer allocates the concatenation; each later one updates it in place, which
-        # also orders the writers (they write disjoint slices, but the storage must exist first).
-        previous = None
-        for part, producer, offset, kernel in sorted(
-            zip(parts, producers, offsets, widened, strict=True), key=lambda r: position[r[0]]
-        ):
-            # One kernel may feed several parts (Inception's twin branches): the offset tells them apart.
-            gv = builder.add_func(kernel, f"{producer.args[0].name_hint}_into_{b.var.name}_{offset}")
-            args = list(producer.args[1].fields)
-            index = position[part]
-            if previous is None:
-                new_values[index] = relax.call_tir(gv, relax.Tuple(args), b.var.ty)
-            else:
-                updated = bindings[previous].var
-                new_values[index] = relax.op.call_tir_inplace(gv, relax.Tuple([*args, updated]), [len(args)], b.var.ty)
-            previous = index
-        # The last writer binds the concatenation's own variable (it may be a dataflow output).
-        final_var[previous] = b.var
-        dropped.add(i)
-    if not new_values:
-        return mod
-    var_map: dict[relax.Var, relax.Var] = {}
     new_bindings = []
     for i, b in enumerate(bindings):
-        if i in dropped:
+        if any(i in root.dropped for root in roots):
             continue
-        value = new_values.get(i, b.value)
-        if i in new_values:  # the producer's result is now the whole concatenation
-            var_map[b.var] = final_var[i] if i in final_var else relax.DataflowVar(b.var.name, value.ty_args[0])
-        new_bindings.append(relax.VarBinding(var_map.get(b.var, b.var), substitute_vars(value, var_map)))
-    body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], substitute_vars(func.body.body, var_map))
+        if i not in reads and i not in writes:
+            new_bindings.append(b)
+            continue
+        call = b.value
+        func_ = mod[call.args[0]]
+        args = list(call.args[1].fields)
+        name = call.args[0].name_hint
+        for k, root, offset in reads.get(i, []):
+            func_ = _widen(func_, k, root.shape, root.axis, offset)
+            args[k] = current(root, i)
+            name += f"_from_{root.var.name}_{offset}"
+        if i not in writes:
+            gv = builder.add_func(func_, name)
+            new_bindings.append(relax.VarBinding(b.var, relax.call_tir(gv, relax.Tuple(args), b.var.ty)))
+            continue
+        root = writes[i]
+        offset = root.writers[i]
+        func_ = _widen(func_, len(func_.params) - 1, root.shape, root.axis, offset)
+        # One kernel may feed several parts (Inception's twin branches): the offset tells them apart.
+        gv = builder.add_func(func_, f"{name}_into_{root.var.name}_{offset}")
+        earlier = [j for j in root.writers if j < i]
+        if not earlier:
+            value = relax.call_tir(gv, relax.Tuple(args), root.var.ty)
+        else:
+            updated = version[max(earlier)]
+            value = relax.op.call_tir_inplace(gv, relax.Tuple([*args, updated]), [len(args)], root.var.ty)
+        new_bindings.append(relax.VarBinding(version[i], value))
+    body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], func.body.body)
     new_mod = builder.get()
     new_mod["main"] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
     return relax.transform.DeadCodeElimination(["main"])(new_mod)

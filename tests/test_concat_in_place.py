@@ -1,5 +1,7 @@
 """ConcatInPlace: a concatenation's producers write into its output; results and schedules stay right."""
 
+import itertools
+
 import numpy as np
 import pytest
 import tvm
@@ -45,6 +47,42 @@ def fire_model(name: str, seed: int, concat_squeeze: bool = False, twin: bool = 
     nodes += conv("cat", "y", channels, 4, 1)
     nodes.append(helper.make_node("GlobalAveragePool", ["y"], ["gap"]))
     nodes.append(helper.make_node("Flatten", ["gap"], ["out"]))
+    return graph_model(name, nodes, inits, ("x", [1, 3, 12, 12]), ("out", [1, 4]))
+
+
+def dense_block_model(name: str, seed: int, layers: int = 3):
+    """A DenseNet block: each layer reads the concatenation of all earlier features (scaled, ReLU) and
+    adds its own; the chain of concatenations ends in a transition convolution. The last layer's
+    output is read by a side convolution too, so one slice is read at an offset."""
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def init(array_name: str, shape: tuple, scale: float) -> str:
+        inits.append(numpy_helper.from_array(rng.normal(0, scale, shape).astype("float32"), array_name))
+        return array_name
+
+    nodes = [
+        helper.make_node("Conv", ["x", init("stem_w", (4, 3, 3, 3), 0.3)], ["stem"], pads=[1] * 4),
+        helper.make_node("Relu", ["stem"], ["c0"]),
+    ]
+    channels = 4
+    for k in range(1, layers + 1):
+        scale = init(f"s{k}", (1, channels, 1, 1), 0.5)
+        nodes += [
+            helper.make_node("Mul", [f"c{k - 1}", scale], [f"m{k}"]),
+            helper.make_node("Relu", [f"m{k}"], [f"a{k}"]),
+            helper.make_node("Conv", [f"a{k}", init(f"w{k}", (3, channels, 3, 3), 0.3)], [f"h{k}_c"], pads=[1] * 4),
+            helper.make_node("Relu", [f"h{k}_c"], [f"h{k}"]),
+            helper.make_node("Concat", [f"c{k - 1}", f"h{k}"], [f"c{k}"], axis=1),
+        ]
+        channels += 3
+    nodes += [
+        helper.make_node("Conv", [f"c{layers}", init("t_w", (4, channels, 1, 1), 0.3)], ["t"]),
+        helper.make_node("Conv", [f"h{layers}", init("side_w", (4, 3, 1, 1), 0.3)], ["side"]),
+        helper.make_node("Add", ["t", "side"], ["sum"]),
+        helper.make_node("GlobalAveragePool", ["sum"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["out"]),
+    ]
     return graph_model(name, nodes, inits, ("x", [1, 3, 12, 12]), ("out", [1, 4]))
 
 
@@ -141,20 +179,81 @@ def test_channels_first_concatenation(fire, x):
     np.testing.assert_array_equal(run_vm(in_place, x), run_vm(plain, x))
 
 
-def test_input_read_elsewhere_keeps_the_concatenation(x):
-    """A part that other kernels read too cannot live inside the concatenation: nothing is rewritten."""
+def test_part_read_by_another_producer_keeps_the_concatenation(x):
+    """A part that the other parts' producers read would be passed twice to their in-place calls (as
+    the slice they read and the buffer they update): nothing is rewritten."""
     tenant = cosched.load_onnx(fire_model("fire3", seed=2, concat_squeeze=True), name="fire3")
     in_place = LowerKernels(TARGET, concat_in_place=True)(tenant.mod)
     assert any(n.startswith("concatenate") for n in callees(in_place))
     assert not any(c.op.same_as(CALL_TIR_INPLACE) for c in kernel_calls(in_place))
 
 
+@pytest.fixture(scope="module")
+def dense():
+    return cosched.load_onnx(dense_block_model("dense", seed=5), name="dense")
+
+
+@pytest.fixture(scope="module")
+def dense_db(dense, tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("dense_db")
+    tuning.tune_modules([LowerKernels(TARGET)(dense.mod)], TARGET, work_dir, trials_per_task=1, progress=False)
+    return work_dir
+
+
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "untuned"])
+def test_chained_concatenations_share_one_buffer(dense, dense_db, x, tuned):
+    """DenseNet's chain: every layer's output and the block input are written once into the last
+    concatenation's buffer; earlier concatenations become slices of it that their readers read."""
+    database = dense_db if tuned else None
+    plain = LowerKernels(TARGET, database, concat_in_place=False)(dense.mod)
+    in_place = LowerKernels(TARGET, database, concat_in_place=True)(dense.mod)
+    assert sum(n.startswith("concatenate") for n in callees(plain)) == 3, callees(plain)
+    assert not any(n.startswith("concatenate") for n in callees(in_place)), callees(in_place)
+    # Four writers (block input and three layers) of one buffer; four readers of slices of it: the
+    # layers read prefixes, the side convolution the last layer's slice.
+    writers = [c for c in kernel_calls(in_place) if "_into_" in c.args[0].name_hint]
+    assert len(writers) == 4 and sum(c.op.same_as(CALL_TIR_INPLACE) for c in writers) == 3
+    readers = [n for n in callees(in_place) if "_from_" in n]
+    assert len(readers) == 4 and sum(n.endswith("_10") for n in readers) == 1, readers
+    assert len(kernel_calls(in_place)) == len(kernel_calls(plain)) - 3
+    np.testing.assert_array_equal(run_vm(in_place, x), run_vm(plain, x))
+
+
+@pytest.mark.parametrize("returned", [True, False], ids=["part-returned", "part-internal"])
+def test_part_used_outside_kernels_keeps_the_concatenation(returned):
+    """A part the function returns must stay a tensor of its own: that concatenation is left alone."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([4, 8], "float32"))
+    rng = np.random.default_rng(6)
+    w1, w2 = (relax.const(rng.standard_normal((8, n)).astype("float32")) for n in (5, 3))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.matmul(x, w1))
+            b = bb.emit(relax.op.matmul(x, w2))
+            c = bb.emit(relax.op.concat([a, b], axis=1))
+            out = bb.emit_output(relax.Tuple([c, a]) if returned else relax.Tuple([c]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    plain = LowerKernels(TARGET, concat_in_place=False)(mod)
+    in_place = LowerKernels(TARGET, concat_in_place=True)(mod)
+    assert any(n.startswith("concatenate") for n in callees(plain))
+    assert any(n.startswith("concatenate") for n in callees(in_place)) == returned, callees(in_place)
+    vms = [relax.VirtualMachine(tvm.compile(m, target=TARGET), tvm.cpu()) for m in (plain, in_place)]
+    arg = tvm.runtime.tensor(rng.standard_normal((4, 8)).astype("float32"))
+    for want, got in zip(vms[0]["main"](arg), vms[1]["main"](arg), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 @pytest.mark.parametrize("policy", ["tenant", "round_robin"])
-def test_bundle_orders_the_writers(fire, fire_db, x, policy, tmp_path):
-    """In a bundle the writers of one buffer are ordered, the memory plan keeps it whole, outputs match,
-    also after export and reload."""
-    other = cosched.load_onnx(fire_model("other", seed=3), name="other")
-    bundle = cosched.compile([fire, other], target=TARGET, database=fire_db, num_streams=2, policy=policy)
+@pytest.mark.parametrize("model", ["fire", "dense"])
+def test_bundle_orders_the_writers(request, x, model, policy, tmp_path):
+    """In a bundle the writers of one buffer are ordered, its readers follow a writer, the memory plan
+    keeps it whole, outputs match, also after export and reload."""
+    make = {"fire": fire_model, "dense": dense_block_model}[model]
+    first = request.getfixturevalue(model)
+    database = request.getfixturevalue(f"{model}_db")
+    other = cosched.load_onnx(make("other", seed=3), name="other")
+    bundle = cosched.compile([first, other], target=TARGET, database=database, num_streams=2, policy=policy)
     schedule = bundle.schedule
     schedule.validate()
     writers: dict[int, list[int]] = {}
@@ -162,18 +261,23 @@ def test_bundle_orders_the_writers(fire, fire_db, x, policy, tmp_path):
         for b in k.outputs:
             writers.setdefault(b, []).append(k.id)
     shared = {b: ks for b, ks in writers.items() if len(ks) > 1}
-    assert len(shared) == 2, shared  # one concatenation per tenant
+    assert len(shared) == 2, shared  # one concatenation (or chain of them) per tenant
     deps = schedule.dependencies()
-    for first, second in shared.values():
-        assert first in deps[second]
+    for ks in shared.values():
+        for earlier, later in itertools.pairwise(ks):
+            assert earlier in deps[later]
+    for k in schedule.kernels:
+        for b in set(k.args) & shared.keys():
+            if b not in k.outputs:  # a reader of the buffer (or of a slice of it)
+                assert set(deps[k.id]) & set(shared[b]), (k.func, deps[k.id])
     plan = plan_memory(schedule)
     for b in shared:
         assert b in plan.buffer_storage
-    inputs = {"fire": {"x": x}, "other": {"x": x}}
+    inputs = {first.name: {"x": x}, "other": {"x": x}}
     reloaded = cosched.runtime.load(bundle.export(tmp_path / "bundle"))  # schedule IR version 2 on disk
     for got in (bundle.run(inputs), reloaded.run(inputs)):
-        for tenant in (fire, other):
-            expected = run_vm(LowerKernels(TARGET, fire_db, concat_in_place=False)(tenant.mod), x)
+        for tenant in (first, other):
+            expected = run_vm(LowerKernels(TARGET, database, concat_in_place=False)(tenant.mod), x)
             np.testing.assert_array_equal(got[tenant.name][0], expected)
 
 
@@ -189,3 +293,16 @@ def test_real_models_bit_identical(name):
     assert any(n.startswith("concatenate") for n in callees(plain))
     assert not any(n.startswith("concatenate") for n in callees(in_place))
     np.testing.assert_array_equal(run_vm(in_place, x), run_vm(plain, x))
+
+
+def test_densenet_chains():
+    """DenseNet-121's four blocks: all 54 concatenations go, each read again (by the next layer) as a
+    slice of its block's buffer. Not run here (two untuned builds take minutes); the dense-block
+    tests above check the numerics, ``benchmarks/concat_ab.py`` the model's."""
+    tenant = cosched.load_onnx(light_model("densenet121", seed=0), name="densenet121")
+    plain = callees(LowerKernels(TARGET, concat_in_place=False)(tenant.mod))
+    in_place = callees(LowerKernels(TARGET, concat_in_place=True)(tenant.mod))
+    assert sum(n.startswith("concatenate") for n in plain) == 54
+    assert not any(n.startswith("concatenate") for n in in_place)
+    assert sum("_from_" in n for n in in_place) == 54
+    assert len(in_place) == len(plain) - 54
