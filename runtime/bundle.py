@@ -110,12 +110,14 @@ class Bundle:
     (workspace and stream workers); sessions are reused afterwards.
     """
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, _params_of: Bundle | None = None):
         schedule = artifact.schedule
         schedule.validate()
         self.artifact = artifact
         # The device first: without one, say so before the loader fails on missing driver libraries.
-        self._device = make_device(artifact.device, artifact.executor_lib)
+        self._device = (
+            _params_of._device if _params_of is not None else make_device(artifact.device, artifact.executor_lib)
+        )
         self._module = load_kernels(artifact.kernel_lib, artifact.device)
         try:
             self._kernels = [self._module[k.func] for k in schedule.kernels]
@@ -128,11 +130,8 @@ class Bundle:
         missing = [b.id for b in schedule.buffers if b.kind == "param" and b.id not in artifact.params]
         if missing:
             raise CoschedError(f"params missing for buffers {missing[:5]}", hint="re-export the bundle")
-        # Params are read-only and shared by all sessions.
-        self._params = {}
-        for bid, value in artifact.params.items():
-            self._params[bid] = self._device.empty(list(value.shape), str(value.dtype))
-            self._device.upload(self._params[bid], value)
+        # Params are read-only: shared by all sessions, and by the bundles ``with_schedule`` makes.
+        self._params = _params_of._params if _params_of is not None else self._upload(artifact.params)
         self.memory: MemoryPlan = plan_memory(schedule)
         position = {k.id: i for i, k in enumerate(schedule.kernels)}
         self._plan_args = [list(k.args) for k in schedule.kernels]
@@ -141,6 +140,13 @@ class Bundle:
         self._lock = threading.Lock()
         self._idle: list[_Session] = []
         self.search_report = None
+
+    def _upload(self, params: dict[int, np.ndarray]) -> dict[int, Any]:
+        uploaded = {}
+        for bid, value in params.items():
+            uploaded[bid] = self._device.empty(list(value.shape), str(value.dtype))
+            self._device.upload(uploaded[bid], value)
+        return uploaded
 
     @property
     def schedule(self) -> Schedule:
@@ -294,8 +300,14 @@ class Bundle:
         return Trace(events=events, num_streams=self.schedule.num_streams, tenants=self.tenants, device=self.device)
 
     def with_schedule(self, schedule: Schedule, params: dict[int, np.ndarray] | None = None) -> Bundle:
-        """A bundle over the same kernels with another schedule of the same module (e.g. from search)."""
-        return Bundle(replace(self.artifact, schedule=schedule, params=params or self.artifact.params, ir=None))
+        """A bundle over the same kernels with another schedule of the same module (e.g. from search).
+
+        It shares this bundle's device copy of the params unless ``params`` replaces them: a search
+        builds dozens of candidates, and a copy of the weights each multiplied device memory by as many.
+        """
+        if params is not None:
+            return Bundle(replace(self.artifact, schedule=schedule, params=params, ir=None))
+        return Bundle(replace(self.artifact, schedule=schedule, ir=None), _params_of=self)
 
     def params(self) -> dict[int, np.ndarray]:
         return dict(self.artifact.params)

@@ -128,6 +128,26 @@ def test_eight_threads_share_one_bundle(tiny_bundle, tiny_tenants, tiny_expected
     assert errors == []
 
 
+def test_with_schedule_shares_the_weights(tiny_bundle, tiny_inputs, tiny_expected):
+    """Another schedule of the same kernels (what a search builds dozens of) reuses the uploaded
+    weights instead of copying them, and computes the same; new params still get their own copy."""
+    from cosched.search import sequential_schedule
+
+    other = tiny_bundle.with_schedule(sequential_schedule(tiny_bundle.schedule))
+    assert other.schedule.num_streams == 1 != tiny_bundle.schedule.num_streams
+    assert other._params is tiny_bundle._params
+    for tenant, outs in other.run(tiny_inputs).items():
+        for got, want in zip(outs, tiny_expected[tenant], strict=True):
+            np.testing.assert_array_equal(got, want)
+    zeros = {bid: np.zeros_like(value) for bid, value in tiny_bundle.params().items()}
+    replaced = tiny_bundle.with_schedule(tiny_bundle.schedule, zeros)
+    assert replaced._params is not tiny_bundle._params
+    assert not np.array_equal(next(iter(replaced.run(tiny_inputs).values()))[0], next(iter(tiny_expected.values()))[0])
+    np.testing.assert_array_equal(
+        tiny_bundle.run(tiny_inputs)[tiny_bundle.tenants[0]][0], tiny_expected[tiny_bundle.tenants[0]][0]
+    )
+
+
 def test_export_reloads_in_a_fresh_process_without_the_compiler(tiny_bundle, tiny_inputs, tiny_expected, tmp_path):
     out_dir = tiny_bundle.export(tmp_path / "bundle")
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(

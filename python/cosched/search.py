@@ -346,7 +346,7 @@ def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
     result = {"shared": {}}
     for label, (stream_of, threads) in layouts.items():
         sched = rebuild(base, issue, stream_of, threads, "profile")
-        b = bundle.with_schedule(sched, bundle.params())
+        b = bundle.with_schedule(sched)
         runs = [b.profile(inputs, warmup=1 if r == 0 else 0) for r in range(repeat)]
         result[label] = {
             e.kernel: float(np.median([r.events[i].end_us - r.events[i].start_us for r in runs]))
