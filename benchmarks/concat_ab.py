@@ -6,6 +6,8 @@
 Per model: the mix's shipped database lowered twice, with ``ConcatInPlace`` (the default) and
 without it (``concat_in_place=False``: the producers write their own tensors, a kernel copies them
 into the concatenation), and ONNX Runtime's default session, all alternated in one process.
+With ``--profile N``, each variant also runs N profiled times on cosched's executor (one stream,
+alternated), and its kernels' time is printed by kind, as ``kernel_breakdown.py`` groups it.
 """
 
 import os
@@ -13,18 +15,45 @@ import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
+import collections
+
 import numpy as np
 import tvm
+from kernel_breakdown import table, tvm_kinds
 
 import cosched
 from cosched import bench
 from cosched.compare import MIXES, load_models, make_inputs, model_parser, shipped_database
-from cosched.passes import LowerKernels
+from cosched.compiler import build_kernels, schedule_module
+from cosched.extract import extract_schedule
+from cosched.passes import LowerKernels, MergeTenants, stack_tenants
+from cosched.runtime import Artifact
 from cosched.target import host_target
 
 
+def profile(tenant, inputs, target, database, rounds: int, top: int = 8) -> None:
+    """Kernel time by kind with and without concatenations in place, profiled alternately."""
+    bundles = {}
+    for label, in_place in (("copy", False), ("in-place", True)):
+        lower = tvm.transform.Sequential([MergeTenants(), LowerKernels(target, database, concat_in_place=in_place)])
+        lowered = lower(stack_tenants([tenant]))
+        annotated = schedule_module(lowered, "sequential", 1)
+        schedule, params = extract_schedule(annotated)
+        bundles[label] = Artifact(schedule, build_kernels(lowered, target), params, target=str(target)).load()
+    samples = {label: collections.defaultdict(list) for label in bundles}
+    for _ in range(rounds):
+        for label, bundle in bundles.items():
+            for kind, ms in tvm_kinds(bundle, inputs, 1)[0].items():
+                samples[label][kind].append(ms)
+    for label, kinds in samples.items():
+        print(f"  {tenant.name}, {label}: kernel ms per inference (median of {rounds} profiled runs)")
+        print("\n".join(table({k: float(np.median(v)) for k, v in kinds.items()}, top)))
+
+
 def main() -> int:
-    args = model_parser(__doc__.splitlines()[0]).parse_args()
+    parser = model_parser(__doc__.splitlines()[0])
+    parser.add_argument("--profile", type=int, default=0, help="profiled runs per variant (0: none)")
+    args = parser.parse_args()
     database = shipped_database(args.mix)
     threads = args.threads or os.cpu_count() or 1
     target = host_target(threads)
@@ -60,6 +89,11 @@ def main() -> int:
         )
     print("\nspeedup: copy / in-place medians; in-place/ORT: in-place time over ORT's (<= 1.0 is the goal);")
     print("[low-high]: 95% bootstrap interval over paired rounds.")
+    if args.profile:
+        print()
+        for name, model in models.items():
+            tenant = cosched.load_onnx(model, name=name)
+            profile(tenant, make_inputs([tenant]), target, database, args.profile)
     return 0
 
 

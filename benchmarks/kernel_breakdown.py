@@ -34,8 +34,17 @@ def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], float, int
         trace = bundle.profile(inputs)
         span += trace.span_us / 1e3
         for event in trace.events:
-            kinds[re.sub(r"\d+", "", event.func).removesuffix("_prepacked")] += (event.end_us - event.start_us) / 1e3
+            kinds[kernel_kind(event.func)] += (event.end_us - event.start_us) / 1e3
     return {k: v / repeat for k, v in kinds.items()}, span / repeat, len(trace.events)
+
+
+def kernel_kind(func: str) -> str:
+    """A kernel's name without numbers; ConcatInPlace's rewrites (``..._from_<var>_<offset>``,
+    ``..._into_<var>_<offset>``) keep their kernel's kind and say which way they use a concatenation."""
+    base = re.split(r"_(?:from|into)_", func)[0]
+    kind = re.sub(r"\d+", "", base).removesuffix("_prepacked")
+    uses = [word for word in ("from", "into") if f"_{word}_" in func]
+    return f"{kind} ({' and '.join(uses)} a concatenation)" if uses else kind
 
 
 def ort_kinds(session_bytes: bytes, feed, threads: int, repeat: int) -> dict[str, float]:
