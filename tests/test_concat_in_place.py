@@ -105,12 +105,16 @@ def fire():
     return cosched.load_onnx(fire_model("fire", seed=0), name="fire")
 
 
+def one_trial_database(tenant, tmp_path_factory):
+    """One trial per kernel: enough for scheduled (split, parallel, vectorized) kernels to rewrite."""
+    work_dir = tmp_path_factory.mktemp(f"{tenant.name}_db")
+    tuning.tune_modules([LowerKernels(TARGET)(tenant.mod)], TARGET, work_dir, trials_per_task=1, progress=False)
+    return work_dir
+
+
 @pytest.fixture(scope="module")
 def fire_db(fire, tmp_path_factory):
-    """One trial per kernel: enough for scheduled (split, parallel, vectorized) kernels to rewrite."""
-    work_dir = tmp_path_factory.mktemp("fire_db")
-    tuning.tune_modules([LowerKernels(TARGET)(fire.mod)], TARGET, work_dir, trials_per_task=1, progress=False)
-    return work_dir
+    return one_trial_database(fire, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -195,9 +199,7 @@ def dense():
 
 @pytest.fixture(scope="module")
 def dense_db(dense, tmp_path_factory):
-    work_dir = tmp_path_factory.mktemp("dense_db")
-    tuning.tune_modules([LowerKernels(TARGET)(dense.mod)], TARGET, work_dir, trials_per_task=1, progress=False)
-    return work_dir
+    return one_trial_database(dense, tmp_path_factory)
 
 
 @pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "untuned"])
