@@ -46,7 +46,6 @@ from typing import Any
 
 # Must precede the creation of any TVM thread pool (see the module docstring).
 os.environ.setdefault("TVM_BIND_THREADS", "0")
-
 import numpy as np
 import onnx
 import scipy.stats
@@ -803,7 +802,8 @@ def header(threads: int | None = None, target: tvm.target.Target | None = None) 
         (
             f"threads : {threads if threads is not None else '?'} "
             f"(TVM_BIND_THREADS={os.environ.get('TVM_BIND_THREADS', 'unset')}, "
-            f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')})"
+            f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}, "
+            f"TVM_THREAD_POOL_SPIN_COUNT={os.environ.get('TVM_THREAD_POOL_SPIN_COUNT', 'unset')})"
         ),
     ]
     if target is not None:
