@@ -193,9 +193,9 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
             continue
         view_readers = {r for v in root.views for r in readers[v] if r not in root.dropped}
         # A writer that read its own buffer would pass it twice to one in-place call.
-        if view_readers & root.writers.keys() or any(_has_match_buffers(kernel(r)) for r in view_readers):
-            continue
-        if any(_has_match_buffers(kernel(j)) for j in root.writers):
+        if view_readers & root.writers.keys() or any(
+            _has_match_buffers(kernel(j)) for j in view_readers | root.writers.keys()
+        ):
             continue
         claimed |= root.dropped | root.writers.keys()
         roots.append(root)
@@ -226,10 +226,11 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         """The root as the last of its writers before binding ``i`` left it."""
         return version[max(j for j in root.writers if j < i)]
 
+    dropped = set().union(*(root.dropped for root in roots))
     builder = relax.BlockBuilder(mod)
     new_bindings = []
     for i, b in enumerate(bindings):
-        if any(i in root.dropped for root in roots):
+        if i in dropped:
             continue
         if i not in reads and i not in writes:
             new_bindings.append(b)
@@ -251,11 +252,10 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         func_ = _widen(func_, len(func_.params) - 1, root.shape, root.axis, offset)
         # One kernel may feed several parts (Inception's twin branches): the offset tells them apart.
         gv = builder.add_func(func_, f"{name}_into_{root.var.name}_{offset}")
-        earlier = [j for j in root.writers if j < i]
-        if not earlier:
+        if i == min(root.writers):
             value = relax.call_tir(gv, relax.Tuple(args), root.var.ty)
         else:
-            updated = version[max(earlier)]
+            updated = current(root, i)
             value = relax.op.call_tir_inplace(gv, relax.Tuple([*args, updated]), [len(args)], root.var.ty)
         new_bindings.append(relax.VarBinding(version[i], value))
     body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], func.body.body)

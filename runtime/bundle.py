@@ -110,15 +110,16 @@ class Bundle:
     (workspace and stream workers); sessions are reused afterwards.
     """
 
-    def __init__(self, artifact: Artifact, _params_of: Bundle | None = None):
+    def __init__(self, artifact: Artifact, _same_kernels: Bundle | None = None):
         schedule = artifact.schedule
         schedule.validate()
         self.artifact = artifact
-        # The device first: without one, say so before the loader fails on missing driver libraries.
-        self._device = (
-            _params_of._device if _params_of is not None else make_device(artifact.device, artifact.executor_lib)
-        )
-        self._module = load_kernels(artifact.kernel_lib, artifact.device)
+        if _same_kernels is not None:  # with_schedule: device, kernels and weights are already loaded
+            self._device, self._module = _same_kernels._device, _same_kernels._module
+        else:
+            # The device first: without one, say so before the loader fails on missing driver libraries.
+            self._device = make_device(artifact.device, artifact.executor_lib)
+            self._module = load_kernels(artifact.kernel_lib, artifact.device)
         try:
             self._kernels = [self._module[k.func] for k in schedule.kernels]
         except Exception as err:
@@ -131,7 +132,7 @@ class Bundle:
         if missing:
             raise CoschedError(f"params missing for buffers {missing[:5]}", hint="re-export the bundle")
         # Params are read-only: shared by all sessions, and by the bundles ``with_schedule`` makes.
-        self._params = _params_of._params if _params_of is not None else self._upload(artifact.params)
+        self._params = _same_kernels._params if _same_kernels is not None else self._upload(artifact.params)
         self.memory: MemoryPlan = plan_memory(schedule)
         position = {k.id: i for i, k in enumerate(schedule.kernels)}
         self._plan_args = [list(k.args) for k in schedule.kernels]
@@ -302,12 +303,13 @@ class Bundle:
     def with_schedule(self, schedule: Schedule, params: dict[int, np.ndarray] | None = None) -> Bundle:
         """A bundle over the same kernels with another schedule of the same module (e.g. from search).
 
-        It shares this bundle's device copy of the params unless ``params`` replaces them: a search
-        builds dozens of candidates, and a copy of the weights each multiplied device memory by as many.
+        It shares this bundle's loaded kernels and device copy of the params unless ``params`` replaces
+        them: a search builds dozens of candidates, and a copy of the weights each multiplied device
+        memory by as many.
         """
         if params is not None:
             return Bundle(replace(self.artifact, schedule=schedule, params=params, ir=None))
-        return Bundle(replace(self.artifact, schedule=schedule, ir=None), _params_of=self)
+        return Bundle(replace(self.artifact, schedule=schedule, ir=None), _same_kernels=self)
 
     def params(self) -> dict[int, np.ndarray]:
         return dict(self.artifact.params)

@@ -46,6 +46,7 @@ from typing import Any
 
 # Must precede the creation of any TVM thread pool (see the module docstring).
 os.environ.setdefault("TVM_BIND_THREADS", "0")
+
 import numpy as np
 import onnx
 import scipy.stats
