@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import tvm
@@ -10,7 +11,7 @@ from tvm import relax, te, tirx, topi
 from tvm.ir.expr import TensorLoad, TensorRegion
 from tvm.s_tir import SBlock
 
-from .graph import CALL_TIR, main_block, static_shape
+from .graph import ATTR_SLICE_BYTES, CALL_TIR, main_block, static_shape
 
 
 def _blocks(func: tirx.PrimFunc) -> list[SBlock]:
@@ -58,9 +59,12 @@ def _widen(func: tirx.PrimFunc, index: int, shape: list[int], axis: int, offset:
 
     The output parameter widened makes the kernel write its slice of a concatenation; an input
     widened makes it read a slice (a part, or an earlier concatenation in a chain) from there.
+    The kernel's ``ATTR_SLICE_BYTES`` records the slice's size, as it touches no more of the buffer.
     """
     param = func.params[index]
     full = tirx.decl_buffer(shape, param.ty.dtype, name=param.name)
+    sliced = dict(func.attrs[ATTR_SLICE_BYTES]) if func.attrs is not None and ATTR_SLICE_BYTES in func.attrs else {}
+    sliced[index] = math.prod(int(d) for d in param.ty.shape) * tvm.DataType(param.ty.dtype).itemsize
 
     def shift(indices):
         return [i + offset if d == axis else i for d, i in enumerate(indices)]
@@ -85,7 +89,7 @@ def _widen(func: tirx.PrimFunc, index: int, shape: list[int], axis: int, offset:
     )
     params = list(func.params)
     params[index] = full
-    return tirx.PrimFunc(params, body, func.ret_type, func.attrs)
+    return tirx.PrimFunc(params, body, func.ret_type, func.attrs).with_attr(ATTR_SLICE_BYTES, sliced)
 
 
 def _has_match_buffers(func: tirx.PrimFunc) -> bool:
@@ -114,41 +118,55 @@ class _Root:
     dropped: set[int] = field(default_factory=set)  # the concatenations' own bindings
 
 
-def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
-    func = mod["main"]
-    bindings = list(main_block(func).bindings)
-    position = {b.var: i for i, b in enumerate(bindings)}
-    readers: dict[relax.Var, list[int]] = {}  # variable -> bindings that pass it to a kernel
-    elsewhere: set[relax.Var] = set()  # variables used any other way (returned, in a tuple, ...)
+@dataclass
+class _Main:
+    """``main``'s bindings and who reads each variable."""
 
-    def kernel(i: int) -> tirx.PrimFunc | None:
+    mod: tvm.IRModule
+    bindings: list[relax.Binding]
+    position: dict[relax.Var, int]
+    readers: dict[relax.Var, list[int]]
+    """Variable -> bindings that pass it to a kernel."""
+    elsewhere: set[relax.Var]
+    """Variables used any other way (returned, in a tuple, ...)."""
+
+    @classmethod
+    def of(cls, mod: tvm.IRModule) -> _Main:
+        func = mod["main"]
+        bindings = list(main_block(func).bindings)
+        main = cls(mod, bindings, {b.var: i for i, b in enumerate(bindings)}, {}, set())
+        for i, b in enumerate(bindings):
+            main._note(b.value, i)
+        main._note(func.body.body, None)
+        return main
+
+    def kernel(self, i: int) -> tirx.PrimFunc | None:
         """The PrimFunc binding ``i`` calls with plain ``call_tir`` (one output, no extra TIR args)."""
-        value = bindings[i].value
+        value = self.bindings[i].value
         if not (isinstance(value, relax.Call) and value.op.same_as(CALL_TIR) and len(value.args) == 2):
             return None
-        callee = mod[value.args[0]]
+        callee = self.mod[value.args[0]]
         if not isinstance(callee, tirx.PrimFunc) or not isinstance(value.args[1], relax.Tuple):
             return None
-        return callee if static_shape(bindings[i].var.ty) is not None else None
+        return callee if static_shape(self.bindings[i].var.ty) is not None else None
 
-    def note(expr, i: int | None) -> None:
-        args = expr.args[1].fields if i is not None and kernel(i) is not None else []
+    def _note(self, expr, i: int | None) -> None:
+        args = expr.args[1].fields if i is not None and self.kernel(i) is not None else []
         for arg in args:
             if isinstance(arg, relax.Var):
-                readers.setdefault(arg, []).append(i)
+                self.readers.setdefault(arg, []).append(i)
         found: list[relax.Var] = []
         tvm_ffi.structural_walk(expr, [(relax.Var, found.append)])
         for var in found:
             if not any(var.same_as(a) for a in args):
-                elsewhere.add(var)
+                self.elsewhere.add(var)
 
-    for i, b in enumerate(bindings):
-        note(b.value, i)
-    note(func.body.body, None)
 
-    concats: dict[int, _Concat] = {}
-    for i, b in enumerate(bindings):
-        callee = kernel(i)
+def _concatenations(main: _Main) -> dict[int, _Concat]:
+    """Bindings that call a concatenation kernel, by index."""
+    concats = {}
+    for i, b in enumerate(main.bindings):
+        callee = main.kernel(i)
         if callee is None:
             continue
         parts = list(b.value.args[1].fields)
@@ -159,22 +177,27 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         if axis is not None:
             offsets = [sum(s[axis] for s in shapes[:k]) for k in range(len(shapes))]
             concats[i] = _Concat(axis, parts, offsets)
+    return concats
+
+
+def _roots(main: _Main, concats: dict[int, _Concat]) -> list[_Root]:
+    """The concatenations whose buffers their parts' producers can write, each with its chain."""
 
     def expand(i: int, base: int, root: _Root, claimed: set) -> bool:
         """Add concatenation ``i``'s parts, at ``base`` in ``root``: producers write, chains nest."""
         concat = concats[i]
         root.dropped.add(i)
         for part, offset in zip(concat.parts, concat.offsets, strict=True):
-            j = position.get(part)
+            j = main.position.get(part)
             # Besides this concatenation, only kernels may read a part: they read its slice instead.
-            others = [r for r in readers.get(part, []) if r != i]
-            if j is None or j in claimed or j in root.writers or j in root.dropped or part in elsewhere:
+            others = [r for r in main.readers.get(part, []) if r != i]
+            if j is None or j in claimed or j in root.writers or j in root.dropped or part in main.elsewhere:
                 return False
             nested = concats.get(j)
             if nested is not None and nested.axis == concat.axis:
                 if not expand(j, base + offset, root, claimed):
                     return False
-            elif kernel(j) is not None:
+            elif main.kernel(j) is not None:
                 root.writers[j] = base + offset
             else:
                 return False
@@ -188,20 +211,24 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
     for i in sorted(concats, reverse=True):
         if i in claimed:
             continue
-        root = _Root(bindings[i].var, static_shape(bindings[i].var.ty), concats[i].axis)
+        var = main.bindings[i].var
+        root = _Root(var, static_shape(var.ty), concats[i].axis)
         if not expand(i, 0, root, claimed):
             continue
-        view_readers = {r for v in root.views for r in readers[v] if r not in root.dropped}
+        view_readers = {r for v in root.views for r in main.readers[v] if r not in root.dropped}
         # A writer that read its own buffer would pass it twice to one in-place call.
         if view_readers & root.writers.keys() or any(
-            _has_match_buffers(kernel(j)) for j in view_readers | root.writers.keys()
+            _has_match_buffers(main.kernel(j)) for j in view_readers | root.writers.keys()
         ):
             continue
         claimed |= root.dropped | root.writers.keys()
         roots.append(root)
-    if not roots:
-        return mod
+    return roots
 
+
+def _emit(main: _Main, roots: list[_Root]) -> tvm.IRModule:
+    """``main`` with the roots' concatenations dropped, their writers and slice readers rewritten."""
+    mod, bindings = main.mod, main.bindings
     # Each binding's new kernel: inputs read from a root, its output written into one, or both.
     reads: dict[int, list[tuple[int, _Root, int]]] = {}  # binding -> (argument index, root, offset)
     writes: dict[int, _Root] = {}
@@ -209,7 +236,7 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
         for j in root.writers:
             writes[j] = root
         for var, offset in root.views.items():
-            for r in readers[var]:
+            for r in main.readers[var]:
                 if r not in root.dropped:
                     args = bindings[r].value.args[1].fields
                     reads.setdefault(r, []).extend((k, root, offset) for k, a in enumerate(args) if a.same_as(var))
@@ -258,10 +285,17 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
             updated = current(root, i)
             value = relax.op.call_tir_inplace(gv, relax.Tuple([*args, updated]), [len(args)], root.var.ty)
         new_bindings.append(relax.VarBinding(version[i], value))
+    func = mod["main"]
     body = relax.SeqExpr([relax.DataflowBlock(new_bindings)], func.body.body)
     new_mod = builder.get()
     new_mod["main"] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
     return relax.transform.DeadCodeElimination(["main"])(new_mod)
+
+
+def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
+    main = _Main.of(mod)
+    roots = _roots(main, _concatenations(main))
+    return _emit(main, roots) if roots else mod
 
 
 def ConcatInPlace() -> tvm.transform.Pass:  # noqa: N802

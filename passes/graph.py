@@ -27,6 +27,8 @@ CALL_STREAM = "cosched.stream"
 CALL_ORDER = "cosched.order"
 CALL_WAITS = "cosched.waits"
 INPLACE_INDICES = "inplace_indices"
+# Kernel (PrimFunc) attribute ConcatInPlace writes: parameter index -> bytes of the slice it touches.
+ATTR_SLICE_BYTES = "cosched.slice_bytes"
 
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 CALL_TIR_INPLACE = tvm.ir.Op.get("relax.call_tir_inplace")

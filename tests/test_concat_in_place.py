@@ -275,8 +275,19 @@ def test_bundle_orders_the_writers(request, x, model, policy, tmp_path):
     plan = plan_memory(schedule)
     for b in shared:
         assert b in plan.buffer_storage
+    # Each writer touches only its slice (the search's features count those bytes): together the
+    # slices fill the buffer exactly; a slice reader reads less than the whole buffer.
+    by_id = {k.id: k for k in schedule.kernels}
+    for b, ks in shared.items():
+        slices = [by_id[w].slice_bytes[by_id[w].args.index(b)] for w in ks]
+        assert sum(slices) == schedule.buffers[b].nbytes and all(s > 0 for s in slices), slices
+        for k in schedule.kernels:
+            if b in k.inputs and "_from_" in k.func:
+                assert 0 < k.slice_bytes[k.args.index(b)] < schedule.buffers[b].nbytes
+                assert schedule.kernel_bytes(k) < sum(schedule.buffers[a].nbytes for a in k.args)
     inputs = {first.name: {"x": x}, "other": {"x": x}}
     reloaded = cosched.runtime.load(bundle.export(tmp_path / "bundle"))  # schedule IR version 2 on disk
+    assert [k.slice_bytes for k in reloaded.schedule.kernels] == [k.slice_bytes for k in schedule.kernels]
     for got in (bundle.run(inputs), reloaded.run(inputs)):
         for tenant in (first, other):
             expected = run_vm(LowerKernels(TARGET, database, concat_in_place=False)(tenant.mod), x)

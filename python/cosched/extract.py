@@ -13,6 +13,7 @@ from cosched.passes.graph import (
     ATTR_OUTPUT_TENANTS,
     ATTR_PARAM_TENANTS,
     ATTR_POLICY,
+    ATTR_SLICE_BYTES,
     ATTR_STRATEGY,
     ATTR_STREAM_THREADS,
     ATTR_TENANTS,
@@ -44,6 +45,12 @@ def _shape(ty: relax.TensorType) -> list[int]:
     if (shape := static_shape(ty)) is None:
         raise CoschedError(f"symbolic shape {ty.shape}", hint="give every input a concrete shape")
     return shape
+
+
+def _slice_bytes(kernel) -> dict[int, int]:
+    if not isinstance(kernel, tvm.tirx.PrimFunc) or kernel.attrs is None or ATTR_SLICE_BYTES not in kernel.attrs:
+        return {}
+    return {int(i): int(n) for i, n in kernel.attrs[ATTR_SLICE_BYTES].items()}
 
 
 def extract_schedule(mod: tvm.IRModule) -> tuple[Schedule, dict[int, np.ndarray]]:
@@ -140,6 +147,7 @@ def extract_schedule(mod: tvm.IRModule) -> tuple[Schedule, dict[int, np.ndarray]
             stream=int(call.attrs[CALL_STREAM]),
             order=int(call.attrs[CALL_ORDER]),
             waits=[int(w) for w in call.attrs[CALL_WAITS]],
+            slice_bytes=_slice_bytes(mod[call.args[0]]),
         )
         for kid, call, args, outs, _, _ in calls
     ]

@@ -50,6 +50,9 @@ class Kernel:
     stream: int = 0
     order: int = 0
     waits: list[int] = field(default_factory=list)
+    slice_bytes: dict[int, int] = field(default_factory=dict)
+    """Arguments (by position) of which the kernel touches only a slice, e.g. of a concatenation
+    written in place, with the slice's size in bytes."""
 
     @property
     def inputs(self) -> list[int]:
@@ -106,7 +109,11 @@ class Schedule:
                 hint="re-export the bundle with this version of cosched",
             )
         return cls(
-            kernels=[Kernel(**k) for k in data["kernels"]],
+            # JSON keys are strings.
+            kernels=[
+                Kernel(**{**k, "slice_bytes": {int(p): n for p, n in k.get("slice_bytes", {}).items()}})
+                for k in data["kernels"]
+            ],
             buffers=[Buffer(**b) for b in data["buffers"]],
             tenants=[TenantIO(**t) for t in data["tenants"]],
             streams=[Stream(**s) for s in data["streams"]],
@@ -137,6 +144,10 @@ class Schedule:
 
     def tenant_names(self) -> list[str]:
         return [t.name for t in self.tenants]
+
+    def kernel_bytes(self, kernel: Kernel) -> int:
+        """Bytes ``kernel`` reads and writes: its arguments, or the slices of them it touches."""
+        return sum(kernel.slice_bytes.get(i, self.buffers[b].nbytes) for i, b in enumerate(kernel.args))
 
     def stream_kernels(self, stream: int) -> list[Kernel]:
         """The kernels of one stream in their order on it."""

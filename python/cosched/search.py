@@ -352,7 +352,7 @@ def profile_kernels(bundle, inputs, repeat: int = 3) -> KernelProfile:
             e.kernel: float(np.median([r.events[i].end_us - r.events[i].start_us for r in runs]))
             for i, e in enumerate(runs[0].events)
         }
-    nbytes = {k.id: sum(base.buffers[b].nbytes for b in k.args) for k in base.kernels}
+    nbytes = {k.id: base.kernel_bytes(k) for k in base.kernels}
     return KernelProfile(result["one"], result["full"], nbytes, result["shared"])
 
 
