@@ -1,6 +1,9 @@
 """Where each model's time goes, by operator kind: tuned TVM kernels next to ONNX Runtime's operators.
 
     python benchmarks/kernel_breakdown.py --mix demo > benchmarks/results/breakdown-demo.txt
+    python benchmarks/kernel_breakdown.py --mix dense_incv2_alex --models inception_v2 --convs 12
+
+``--convs N`` adds the N costliest convolution shapes, TVM's time next to ORT's for the same shapes.
 
 Each model alone, the mix's shipped database, all cores. TVM: the kernels' times from
 ``Bundle.profile`` summed by the fused kernel's name without numbers (``fused_conv2d_add_relu``).
@@ -11,6 +14,7 @@ totals are above the plain latencies (printed too, measured alternately); the sh
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import sys
@@ -26,16 +30,35 @@ from cosched.compare import MIXES, load_models, make_inputs, shipped_database
 from cosched.target import host_target
 
 
-def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], float, int]:
-    """Milliseconds per inference by kernel kind, the span from first start to last end, the kernel count."""
+def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], dict[tuple, list[float]], float, int]:
+    """Milliseconds per inference by kernel kind and by convolution shape (``conv_shapes``), the span
+    from first start to last end, the kernel count."""
     kinds: dict[str, float] = collections.defaultdict(float)
+    shapes = conv_shapes(bundle.schedule)
+    convs: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     span = 0.0
     for _ in range(repeat):
         trace = bundle.profile(inputs)
         span += trace.span_us / 1e3
         for event in trace.events:
-            kinds[kernel_kind(event.func)] += (event.end_us - event.start_us) / 1e3
-    return {k: v / repeat for k, v in kinds.items()}, span / repeat, len(trace.events)
+            ms = (event.end_us - event.start_us) / 1e3
+            kinds[kernel_kind(event.func)] += ms
+            if event.kernel in shapes:
+                convs[shapes[event.kernel]][1] += ms / repeat
+    for shape in shapes.values():
+        convs[shape][0] += 1
+    return {k: v / repeat for k, v in kinds.items()}, dict(convs), span / repeat, len(trace.events)
+
+
+def conv_shapes(schedule) -> dict[int, tuple[int, int]]:
+    """Each convolution kernel's (input, output) element counts: layouts differ between TVM and ORT,
+    sizes do not. A kernel reading or writing a slice of a concatenation counts the slice."""
+    shapes = {}
+    for k in schedule.kernels:
+        if "conv2d" in k.func:
+            data, out = 0, len(k.args) - 1
+            shapes[k.id] = tuple(k.slice_bytes.get(i, schedule.buffers[k.args[i]].nbytes) // 4 for i in (data, out))
+    return shapes
 
 
 def kernel_kind(func: str) -> str:
@@ -47,8 +70,11 @@ def kernel_kind(func: str) -> str:
     return f"{kind} ({' and '.join(uses)} a concatenation)" if uses else kind
 
 
-def ort_kinds(session_bytes: bytes, feed, threads: int, repeat: int) -> dict[str, float]:
-    """Milliseconds per inference by ONNX operator type (ORT's own profiler)."""
+def ort_kinds(
+    session_bytes: bytes, feed, threads: int, repeat: int
+) -> tuple[dict[str, float], dict[tuple, list[float]]]:
+    """Milliseconds per inference by ONNX operator type (ORT's own profiler), and of its convolutions
+    by (input, output) element counts."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
@@ -63,10 +89,29 @@ def ort_kinds(session_bytes: bytes, feed, threads: int, repeat: int) -> dict[str
     first = min((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
     warm = first["ts"] + first["dur"]
     kinds: dict[str, float] = collections.defaultdict(float)
+    convs: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= warm:
-            kinds[e["args"]["op_name"]] += e["dur"] / 1e3
-    return {k: v / repeat for k, v in kinds.items()}
+            op = e["args"]["op_name"]
+            kinds[op] += e["dur"] / 1e3
+            if "Conv" in op:
+                sizes = [
+                    math.prod(next(iter(t.values())))
+                    for t in (e["args"]["input_type_shape"][0], e["args"]["output_type_shape"][0])
+                ]
+                convs[tuple(sizes)][0] += 1 / repeat
+                convs[tuple(sizes)][1] += e["dur"] / 1e3 / repeat
+    return {k: v / repeat for k, v in kinds.items()}, dict(convs)
+
+
+def conv_table(tvm: dict[tuple, list[float]], ort_: dict[tuple, list[float]], top: int) -> list[str]:
+    """The ``top`` convolution shapes by TVM time: count and ms per inference in each, TVM/ORT."""
+    lines = [f"    {'input, output elements':<26} {'TVM n':>5} {'TVM ms':>8} {'ORT n':>5} {'ORT ms':>8} {'TVM/ORT':>7}"]
+    for shape, (n, ms) in sorted(tvm.items(), key=lambda kv: -kv[1][1])[:top]:
+        on, oms = ort_.get(shape, (0, 0.0))
+        ratio = f"{ms / oms:7.2f}" if oms else "      -"
+        lines.append(f"    {f'{shape[0]}, {shape[1]}':<26} {n:5d} {ms:8.3f} {round(on):5d} {oms:8.3f} {ratio}")
+    return lines
 
 
 def table(kinds: dict[str, float], top: int) -> list[str]:
@@ -84,6 +129,8 @@ def main() -> int:
     parser.add_argument("--mix", default="demo", choices=list(MIXES))
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--models", nargs="+", help="only these models of the mix")
+    parser.add_argument("--convs", type=int, default=0, help="also the N costliest convolution shapes")
     args = parser.parse_args()
     database = shipped_database(args.mix)
     threads = os.cpu_count() or 1
@@ -91,6 +138,8 @@ def main() -> int:
     print(bench.header(threads, host_target()))
     print(f"database: {database or 'none (untuned kernels)'}; each model alone; {args.repeat} profiled runs")
     for name, model in models.items():
+        if args.models and name not in args.models:
+            continue
         tenant = cosched.load_onnx(model, name=name)
         inputs = make_inputs([tenant])
         bundle = cosched.compile([tenant], database=database, cores=threads)
@@ -101,13 +150,17 @@ def main() -> int:
             )
         tvm_ms, ort_ms = (r.median_ms for r in plain)
         print(f"\n== {name}: latency TVM {tvm_ms:.2f} ms, ORT {ort_ms:.2f} ms (TVM/ORT {tvm_ms / ort_ms:.2f})")
-        kinds, span, count = tvm_kinds(bundle, inputs, args.repeat)
+        kinds, tvm_convs, span, count = tvm_kinds(bundle, inputs, args.repeat)
         # One stream: the span less the kernels' sum is the executor's time between kernels.
         gap_us = 1e3 * (span - sum(kinds.values())) / count
         print(f"  TVM kernels (profiled; {count} kernels, span {span:.3f} ms, {gap_us:.2f} us between kernels)")
         print("\n".join(table(kinds, args.top)))
         print("  ONNX Runtime operators (profiled)                   ms/inf share")
-        print("\n".join(table(ort_kinds(model.SerializeToString(), inputs[name], threads, args.repeat), args.top)))
+        ort_by_kind, ort_convs = ort_kinds(model.SerializeToString(), inputs[name], threads, args.repeat)
+        print("\n".join(table(ort_by_kind, args.top)))
+        if args.convs:
+            print("  convolutions by shape (ms per inference)")
+            print("\n".join(conv_table(tvm_convs, ort_convs, args.convs)))
     return 0
 
 

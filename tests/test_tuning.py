@@ -337,6 +337,17 @@ def test_tune_opens_the_database_once_for_all_passes(tmp_path, monkeypatch):
     assert sorted(records_by_workload(tmp_path).values()) == [1] * workloads  # compacted to the best
 
 
+def test_max_tasks_tunes_only_the_costliest(tmp_path):
+    """A deep pass on a few workloads: ``max_tasks`` caps each pass at the costliest ones."""
+    tenants = [load_onnx(conv_model(n, i, i == 1), name=n) for i, n in enumerate(NAMES)]
+    report = tuning.tune(tenants, TARGET, tmp_path, trials=1, progress=False, patience=None, max_tasks=1)
+    tasks = tuning.extract_tasks([LowerKernels(TARGET)(t.mod) for t in tenants], TARGET, NAMES)
+    costliest = max(tasks, key=lambda t: t.cost)
+    db = tuning.open_database(tmp_path)
+    assert report.trials_run == 1 and report.tasks_left == len(tasks) - 1
+    assert [t.name for t in tasks if tuning._best_us(db, t) is not None] == [costliest.name]
+
+
 def two_conv_model() -> onnx.ModelProto:
     """Two 3x3 conv+relu of different widths: one operator family, two workloads."""
     rng = np.random.default_rng(5)
