@@ -85,15 +85,14 @@ def test_tune_then_search_writes_database_and_searched_schedule(model_files, tmp
 
 
 def test_tune_deep_pass_on_the_costliest(model_files, tmp_path, capsys, monkeypatch):
-    """``--max-tasks`` and ``--full-search`` reach ``cosched.tune``: one workload tuned, the rest not reached."""
+    """``--max-tasks`` reaches ``cosched.tune``: one workload tuned, the rest not reached."""
     from cosched import tuning
 
-    sizes = []
+    caps = []
     real = tuning.tune
-    monkeypatch.setattr(tuning, "tune", lambda *a, **kw: sizes.append(kw["search"]) or real(*a, **kw))
+    monkeypatch.setattr(tuning, "tune", lambda *a, **kw: caps.append(kw["max_tasks"]) or real(*a, **kw))
     work = tmp_path / "db"
-    args = ["tune", *model_files, "--work-dir", str(work), "--trials", "1", "--max-tasks", "1", "--full-search"]
-    assert main(args) == 0
-    assert sizes == [tuning.PREVIOUS_SEARCH_SIZE]
+    assert main(["tune", *model_files, "--work-dir", str(work), "--trials", "1", "--max-tasks", "1"]) == 0
+    assert caps == [1]
     out = capsys.readouterr().out
     assert " 1 trials in " in out and " not reached" in out and " 0 not reached" not in out

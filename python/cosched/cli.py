@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from .compare import load_models
     from .tenant import load_onnx
-    from .tuning import PREVIOUS_SEARCH_SIZE, SearchSize, tune
+    from .tuning import tune
 
     models = load_models(args.models)
     tenants = [load_onnx(m, name=n) for n, m in models.items()]
@@ -115,7 +115,6 @@ def _tune(args: argparse.Namespace) -> int:
         prune=args.prune,
         cache_flush=args.cache_flush,
         max_tasks=args.max_tasks,
-        search=PREVIOUS_SEARCH_SIZE if args.full_search else SearchSize(),
     )
     print(
         f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
@@ -263,11 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-tasks", type=int, default=None, help="in each pass, tune only this many workloads, costliest first"
-    )
-    p.add_argument(
-        "--full-search",
-        action="store_true",
-        help="MetaSchedule-sized search per batch (slower per trial; for deep passes on the costliest workloads)",
     )
     p.add_argument("--schedule", action="store_true", help="then search the co-schedule (learned cost model)")
     p.set_defaults(func=_tune)
