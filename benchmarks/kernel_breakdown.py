@@ -57,6 +57,7 @@ def conv_shapes(schedule) -> dict[int, tuple[int, int]]:
     for k in schedule.kernels:
         if "conv2d" in k.func:
             data, out = 0, len(k.args) - 1
+            # The light models are float32: 4 bytes an element.
             shapes[k.id] = tuple(k.slice_bytes.get(i, schedule.buffers[k.args[i]].nbytes) // 4 for i in (data, out))
     return shapes
 
