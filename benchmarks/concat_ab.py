@@ -24,22 +24,16 @@ from kernel_breakdown import table, tvm_kinds
 import cosched
 from cosched import bench
 from cosched.compare import MIXES, load_models, make_inputs, model_parser, shipped_database
-from cosched.compiler import build_kernels, schedule_module
-from cosched.extract import extract_schedule
-from cosched.passes import LowerKernels, MergeTenants, stack_tenants
-from cosched.runtime import Artifact
+from cosched.passes import LowerKernels
 from cosched.target import host_target
 
 
 def profile(tenant, inputs, target, database, rounds: int, top: int = 8) -> None:
     """Kernel time by kind with and without concatenations in place, profiled alternately."""
-    bundles = {}
-    for label, in_place in (("copy", False), ("in-place", True)):
-        lower = tvm.transform.Sequential([MergeTenants(), LowerKernels(target, database, concat_in_place=in_place)])
-        lowered = lower(stack_tenants([tenant]))
-        annotated = schedule_module(lowered, "sequential", 1)
-        schedule, params = extract_schedule(annotated)
-        bundles[label] = Artifact(schedule, build_kernels(lowered, target), params, target=str(target)).load()
+    bundles = {
+        label: cosched.build([tenant], target, "sequential", 1, database, concat_in_place=in_place).load()
+        for label, in_place in (("copy", False), ("in-place", True))
+    }
     samples = {label: collections.defaultdict(list) for label in bundles}
     for _ in range(rounds):
         for label, bundle in bundles.items():

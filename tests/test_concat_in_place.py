@@ -165,6 +165,17 @@ def test_default_follows_the_database(fire, fire_db):
     assert not any(n.startswith("concatenate") for n in callees(LowerKernels(TARGET, fire_db)(fire.mod)))
 
 
+def test_build_can_keep_the_copy(fire, fire_db, x):
+    """cosched.build(concat_in_place=False) keeps the copy kernel (for A/Bs); the bundles agree."""
+    copy = cosched.build([fire], TARGET, "sequential", 1, fire_db, concat_in_place=False)
+    default = cosched.build([fire], TARGET, "sequential", 1, fire_db)
+    assert any(k.func.startswith("concatenate") for k in copy.schedule.kernels)
+    assert not any(k.func.startswith("concatenate") for k in default.schedule.kernels)
+    assert len(default.schedule.kernels) == len(copy.schedule.kernels) - 1
+    inputs = {"fire": {"x": x}}
+    np.testing.assert_array_equal(copy.load().run(inputs)["fire"][0], default.load().run(inputs)["fire"][0])
+
+
 def test_one_kernel_feeding_two_parts(x):
     """Twin branches share their kernel; each call still writes its own part."""
     tenant = cosched.load_onnx(fire_model("twin", seed=4, twin=True), name="twin")

@@ -39,7 +39,10 @@ def as_tenants(tenants: Sequence[Tenant | tvm.IRModule | str | Path | bytes | on
 
 
 def lower_tenants(
-    tenants: Sequence[Tenant], target: tvm.target.Target, database: str | Path | None = None
+    tenants: Sequence[Tenant],
+    target: tvm.target.Target,
+    database: str | Path | None = None,
+    concat_in_place: bool | None = None,
 ) -> tvm.IRModule:
     """Merge the tenants into one main and lower it to (tuned) TIR kernels."""
     from cosched.passes import LowerKernels, MergeTenants, stack_tenants
@@ -48,7 +51,10 @@ def lower_tenants(
         from .tuning import check_database
 
         check_database(database, target)
-    seq = tvm.transform.Sequential([MergeTenants(), LowerKernels(target, database)], name="cosched.Lower")
+    seq = tvm.transform.Sequential(
+        [MergeTenants(), LowerKernels(target, database, concat_in_place=concat_in_place)],
+        name="cosched.Lower",
+    )
     try:
         return seq(stack_tenants(tenants))
     except CoschedError:
@@ -107,9 +113,14 @@ def build(
     policy: str = "auto",
     cores: int | None = None,
     order: Sequence[str | int] | None = None,
+    concat_in_place: bool | None = None,
 ):
     """Compile the tenants into an Artifact without loading it: works for a CUDA target on a machine
-    without a GPU (cross-compilation); ``artifact.export(dir)`` then ships it."""
+    without a GPU (cross-compilation); ``artifact.export(dir)`` then ships it.
+
+    ``concat_in_place=False`` keeps concatenations as copy kernels (for A/Bs; by default they are
+    written in place when a database is given, see ``LowerKernels``).
+    """
     from cosched.runtime import Artifact
 
     tenants = as_tenants(tenants)
@@ -117,7 +128,7 @@ def build(
     device = _device_of(tgt)
     if schedule == "search":
         raise CoschedError("schedule='search' measures on the device", hint="use cosched.compile on the target machine")
-    lowered = lower_tenants(tenants, tgt, database)
+    lowered = lower_tenants(tenants, tgt, database, concat_in_place)
     kernel_lib = build_kernels(lowered, tgt)
     annotated = schedule_module(lowered, schedule, num_streams, policy, cores, order)
     sched, params = extract_schedule(annotated)
