@@ -277,6 +277,17 @@ def test_early_stop_ends_stale_tasks(mods, tmp_path):
     assert again.tasks_tuned == 0 and again.trials_run == 0
 
 
+def test_patience_grows_with_the_trials_had(mods, tmp_path):
+    """A workload that had 8 trials waits 8 / 2 = 4 stale trials, not 2, before it stops."""
+    tuning.tune_modules(mods, TARGET, tmp_path, trials_per_task=8, names=NAMES, progress=False, patience=None)
+    report = tuning.tune_modules(
+        mods, TARGET, tmp_path, trials_per_task=16, names=NAMES, progress=False, patience=2, min_gain=0.99
+    )
+    assert report.tasks_tuned == 2 and report.tasks_stopped_early == 2
+    assert report.trials_run == 2 * 4 and report.trials_saved == 2 * (16 - 8 - 4)
+    assert sorted(records_by_workload(tmp_path).values()) == [12, 12]
+
+
 def test_search_size_sets_the_population_per_batch(mods, tmp_path, monkeypatch):
     size = tuning.SearchSize(per_trial=16, generations=1, min_population=32, max_population=512)
     assert [size.strategy(n).population_size for n in (1, 4, 64)] == [32, 64, 512]

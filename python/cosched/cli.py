@@ -243,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", type=float, default=None, help="time budget in minutes")
     p.add_argument(
-        "--patience", type=int, default=16, help="stop a task after this many trials without a 2%% gain (0: never)"
+        "--patience",
+        type=int,
+        default=16,
+        help="stop a task after this many trials without a 2%% gain, or half the trials its workload "
+        "already had if more (0: never)",
     )
     p.add_argument(
         "--transfer",
