@@ -53,13 +53,12 @@ def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], dict[tuple
 def conv_shapes(schedule) -> dict[int, tuple[int, int]]:
     """Each convolution kernel's (input, output) element counts: layouts differ between TVM and ORT,
     sizes do not. A kernel reading or writing a slice of a concatenation counts the slice."""
-    shapes = {}
-    for k in schedule.kernels:
-        if "conv2d" in k.func:
-            data, out = 0, len(k.args) - 1
-            # The light models are float32: 4 bytes an element.
-            shapes[k.id] = tuple(k.slice_bytes.get(i, schedule.buffers[k.args[i]].nbytes) // 4 for i in (data, out))
-    return shapes
+
+    def elements(k, i: int) -> int:
+        buf = schedule.buffers[k.args[i]]
+        return k.slice_bytes.get(i, buf.nbytes) * math.prod(buf.shape) // buf.nbytes
+
+    return {k.id: (elements(k, 0), elements(k, len(k.args) - 1)) for k in schedule.kernels if "conv2d" in k.func}
 
 
 def kernel_kind(func: str) -> str:

@@ -30,16 +30,16 @@ from cosched.passes import LowerKernels
 from cosched.target import host_target
 from cosched.tuning import (
     META_FILE,
+    MIN_GAIN,
     RECORD_FILE,
     WORKLOAD_FILE,
     compact_database,
+    depth_patience,
+    early_stop_step,
     extract_tasks,
     open_database,
     tune_modules,
 )
-
-MIN_GAIN = 0.02
-"""What counts as a gain, as in ``tune_modules``."""
 
 
 def replay(start_us: float, times_us: list[float], patience: int) -> tuple[int, float]:
@@ -48,8 +48,8 @@ def replay(start_us: float, times_us: list[float], patience: int) -> tuple[int, 
     best, stale, batch = start_us, 0, max(1, patience // 2)
     for i in range(0, len(times_us), batch):
         chunk = times_us[i : i + batch]
-        stale = 0 if min(chunk) < best * (1 - MIN_GAIN) else stale + len(chunk)
-        best = min(best, *chunk)
+        valid = [us for us in chunk if us != float("inf")]
+        best, stale = early_stop_step(best, stale, valid, len(chunk), MIN_GAIN)
         if stale >= patience:
             return i + len(chunk), best
     return len(times_us), best
@@ -105,13 +105,14 @@ def main() -> int:
     compact_database(args.work_dir)
     print(f"pass: {report.tasks_tuned} workloads, {report.trials_run} trials, {minutes:.1f} min, no early stop")
     rules = {f"p={p}": (lambda had, p=p: p) for p in args.rules}
-    rules["p=max(16,had/2)"] = lambda had: max(16, had // 2)
+    rules["p=max(16,had/2)"] = lambda had: depth_patience(16, had)
     print(f"  {'workload':44} {'had':>4} {'new':>4} {'us before':>9} {'after':>8} {'gain':>6}  gains >=2% at trial")
     gained: dict[str, list[float]] = {name: [] for name in rules}
     spent: dict[str, int] = dict.fromkeys(rules, 0)
     total_gain = 0.0
+    by_key = {t.key: t for t in tasks}
     for key, times in measured.items():
-        task = next(t for t in tasks if t.key == key)
+        task = by_key[key]
         if key not in before:  # new to the database: its first measurement is where it starts
             before[key], times = times[0], times[1:]
         start_us = before[key]

@@ -460,6 +460,30 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.on_batch(len(runner_results), min(measured) if measured else None)
 
 
+MIN_GAIN = 0.02
+"""The improvement an early-stopping task counts as a gain (``tune_modules``'s default ``min_gain``)."""
+
+
+def depth_patience(patience: int | None, trials_had: int) -> int | None:
+    """The early stop's patience for a workload that already had ``trials_had`` trials: at least half
+    of them, since a deep pass finds its gains late (``benchmarks/patience_depth.py``)."""
+    return None if patience is None else max(patience, trials_had // 2)
+
+
+def early_stop_step(
+    best_us: float | None, stale: int, batch_us: Sequence[float], trials: int, min_gain: float
+) -> tuple[float | None, int]:
+    """The best latency and the trials since the last ``min_gain`` gain, after a batch of ``trials``
+    measurements of which ``batch_us`` are the valid latencies."""
+    if batch_us and (best_us is None or min(batch_us) < best_us * (1.0 - min_gain)):
+        stale = 0
+    else:
+        stale += trials
+    if batch_us:
+        best_us = min(batch_us) if best_us is None else min(best_us, min(batch_us))
+    return best_us, stale
+
+
 @derived_object
 class _Guided(ms.search_strategy.PySearchStrategy):
     """Evolutionary search that first measures schedules transferred from tuned workloads of the same
@@ -521,12 +545,7 @@ class _Guided(ms.search_strategy.PySearchStrategy):
         self.inner.notify_runner_results(measure_candidates, results)
         self.outcome["measured"] += len(results)
         batch = [us for r in results if (us := _mean_us(r)) is not None]
-        if batch and (self.best_us is None or min(batch) < self.best_us * (1.0 - self.min_gain)):
-            self.stale = 0
-        else:
-            self.stale += len(results)
-        if batch:
-            self.best_us = min(batch) if self.best_us is None else min(self.best_us, min(batch))
+        self.best_us, self.stale = early_stop_step(self.best_us, self.stale, batch, len(results), self.min_gain)
         self.outcome["stopped"] = self.patience is not None and self.stale >= self.patience
 
     def clone(self):
@@ -813,7 +832,7 @@ def tune_modules(
     max_tasks: int | None = None,
     seed: int | None = 0,
     patience: int | None = 16,
-    min_gain: float = 0.02,
+    min_gain: float = MIN_GAIN,
     transfer: bool = False,
     search: SearchSize = SearchSize(),
     database: ms.database.JSONDatabase | None = None,
@@ -944,11 +963,6 @@ class _Plan:
     injective: dict[str, list[tvm.s_tir.Schedule]] = field(default_factory=dict)
     """Tasks whose ``injective_candidates`` are still to be measured, with them."""
 
-    def patience_for(self, task: TaskInfo) -> int | None:
-        """The early stop's patience for a task: at least half the trials its workload already had,
-        since a deep pass finds its gains late (``benchmarks/patience_depth.py``)."""
-        return None if self.patience is None else max(self.patience, self.done[task.key] // 2)
-
     def donors(self, task: TaskInfo, most: int) -> list:
         """Best traces of up to ``most`` other workloads of the task's family, closest in work first."""
         others = sorted(
@@ -996,7 +1010,7 @@ def _tune_plan(
                 t0 = time.monotonic()
                 own = plan.injective.get(task.key, [])
                 trials = max(0, trials_per_task - plan.done[task.key]) + len(own)
-                patience = plan.patience_for(task)
+                patience = depth_patience(plan.patience, plan.done[task.key])
                 early = patience is not None and patience < trials
                 batch = max(1, patience // 2) if early else min(trials, 64)
                 strategy, outcome = plan.search.strategy(batch), {}
@@ -1070,11 +1084,14 @@ def _run_task(
 
 
 __all__ = [
+    "MIN_GAIN",
     "SearchSize",
     "TaskInfo",
     "TuneReport",
     "check_database",
     "compact_database",
+    "depth_patience",
+    "early_stop_step",
     "extract_tasks",
     "open_database",
     "trial_ladder",
