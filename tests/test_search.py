@@ -10,7 +10,7 @@ import cosched
 from cosched.compare import compare
 from cosched.errors import CoschedError
 from cosched.models import tiny_cnn
-from cosched.schedule import Schedule
+from cosched.schedule import Buffer, Kernel, Schedule, Stream, TenantIO
 from cosched.search import (
     NUM_FEATURES,
     CostModel,
@@ -18,6 +18,7 @@ from cosched.search import (
     features,
     load_searched,
     profile_kernels,
+    simulate,
     spearman,
     thread_splits,
 )
@@ -167,6 +168,42 @@ def test_speedup_bound_packs_kernels_on_one_core_or_all():
     assert profile.speedup_bound(1) == 1.0
     # Perfect scaling leaves nothing to gain from co-running.
     assert KernelProfile(one={0: 10.0}, full={0: 5.0}, nbytes={}).speedup_bound(2) == pytest.approx(1.0)
+
+
+def _two_stream_schedule(threads: list[int], waits: bool = False) -> Schedule:
+    """Kernel 0 on stream 0; kernels 1 and 2 on stream 1 (kernel 2 waiting on kernel 0 if ``waits``)."""
+    buffers = [Buffer(i, [4], "float32", "intermediate", "t") for i in range(4)]
+    kernels = [
+        Kernel(0, "f0", "t", [0, 1], 1, stream=0, order=0),
+        Kernel(1, "f1", "t", [0, 2], 1, stream=1, order=0),
+        Kernel(2, "f2", "t", [2, 3], 1, stream=1, order=1, waits=[0] if waits else []),
+    ]
+    streams = [Stream(i, t) for i, t in enumerate(threads)]
+    return Schedule(kernels, buffers, [TenantIO("t", {}, [3])], streams, cores=2)
+
+
+def test_simulator_grants_cores_as_the_runtime_does():
+    # Each kernel: 10 us on one core, 6 us on both; co-running slows kernel 1 to 12 us.
+    profile = KernelProfile(
+        one=dict.fromkeys(range(3), 10.0),
+        full=dict.fromkeys(range(3), 6.0),
+        nbytes=dict.fromkeys(range(3), 16),
+        shared={0: 10.0, 1: 12.0, 2: 10.0},
+    )
+    # Both streams ready at once, caps of 2: the first leaves a core to the second, so kernels 0 and 1
+    # run side by side on one core each (kernel 1 at its co-running speed); kernel 2, alone, gets both.
+    assert simulate(_two_stream_schedule([2, 2]), profile)["makespan"] == pytest.approx(12 + 6)
+    # A cap of one core holds even when the other core is idle.
+    assert simulate(_two_stream_schedule([1, 1]), profile)["makespan"] == pytest.approx(12 + 10)
+    # A wait on the other stream delays kernel 2 until kernel 0 ends.
+    slow = KernelProfile(**{**profile.__dict__, "one": {0: 30.0, 1: 10.0, 2: 10.0}, "shared": {}})
+    assert simulate(_two_stream_schedule([2, 2], waits=True), slow)["makespan"] == pytest.approx(30 + 6)
+    # One stream gets the whole budget.
+    one_stream = _two_stream_schedule([2, 2])
+    for k in one_stream.kernels:
+        k.stream, k.order = 0, k.id
+    one_stream.streams = [Stream(0, 2)]
+    assert simulate(one_stream, profile)["makespan"] == pytest.approx(18)
 
 
 def test_search_report_states_the_profile_bound(searched):

@@ -27,6 +27,8 @@ from .errors import CoschedError
 from .schedule import Schedule, Stream, assign_waits
 
 NUM_FEATURES = 21
+FEATURE_VERSION = 2
+"""2: the simulator grants cores as the runtime does (1 scaled every kernel by the streams' oversubscription)."""
 MAX_STREAMS = 4
 SEARCHED_SCHEDULE = "searched_schedule.json"
 """The file in a search's ``work_dir`` that holds the winning schedule."""
@@ -201,20 +203,54 @@ def _mutate(schedule: Schedule, rng: random.Random) -> tuple[list[int], dict[int
 
 # -- features -----------------------------------------------------------------------------------------
 def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
-    """Replay a schedule on profiled latencies: makespan, per-stream busy time, overlap."""
+    """Replay a schedule on profiled latencies the way the CPU runtime grants cores: makespan,
+    per-stream busy time, overlap.
+
+    Each stream's next kernel starts once its waits are done and a core is free; it takes the free
+    cores up to its stream's cap, leaving one to every other stream that is ready and holds none, and
+    keeps them until it ends (``runtime/src/executor.cc``, ``Acquire``). A kernel granted part of the
+    budget runs at its co-running speed (``KernelProfile.slowdown``).
+    """
     cores = max(schedule.cores, 1)
     threads = {s.id: s.threads for s in schedule.streams}
-    oversub = max(1.0, sum(threads.values()) / cores)
-    free = {s.id: 0.0 for s in schedule.streams}
+    queues: dict[int, list] = {s: [] for s in threads}
+    for k in schedule.kernels:
+        queues[k.stream].append(k)
+    nxt = dict.fromkeys(threads, 0)
+    holding = dict.fromkeys(threads, 0)
+    running: dict[int, tuple[float, object]] = {}  # stream -> (end time, kernel)
     finish: dict[int, float] = {}
     spans = []
-    for k in schedule.kernels:  # issue order is a valid simulation order
-        start = max([free[k.stream]] + [finish[w] for w in k.waits])
-        alone = profile.latency(k.id, threads[k.stream], cores)
-        dur = alone * oversub * profile.slowdown(k.id) if len(threads) > 1 else alone
-        finish[k.id] = start + dur
-        free[k.stream] = finish[k.id]
-        spans.append((start, finish[k.id], profile.nbytes[k.id] / max(dur, 1e-3)))
+    now, free = 0.0, cores
+
+    def ready(s: int) -> bool:
+        if holding[s] or nxt[s] >= len(queues[s]):
+            return False
+        return all(w in finish and finish[w] <= now for w in queues[s][nxt[s]].waits)
+
+    while len(finish) < len(schedule.kernels):
+        for s in threads:  # streams that can start a kernel now, in stream order
+            if free < 1 or not ready(s):
+                continue
+            others = sum(1 for o in threads if o != s and ready(o))
+            granted = max(1, min(threads[s], free - others))
+            k = queues[s][nxt[s]]
+            dur = profile.latency(k.id, granted, cores)
+            if granted < cores and len(threads) > 1:
+                dur *= profile.slowdown(k.id)
+            free -= granted
+            holding[s] = granted
+            running[s] = (now + dur, k)
+            spans.append((now, now + dur, profile.nbytes[k.id] / max(dur, 1e-3)))
+        if not running:
+            raise CoschedError("schedule cannot be simulated: a kernel waits on one that never runs")
+        now = min(end for end, _ in running.values())
+        for s in [s for s, (end, _) in running.items() if end <= now]:
+            _, k = running.pop(s)
+            finish[k.id] = now
+            free += holding[s]
+            holding[s] = 0
+            nxt[s] += 1
     makespan = max(finish.values(), default=0.0)
     busy = sorted(
         (sum(profile.latency(k.id, threads[s], cores) for k in schedule.kernels if k.stream == s) for s in threads),
@@ -285,7 +321,7 @@ class CostModel:
         if self.path and self.path.exists():
             data = json.loads(self.path.read_text())
             # Samples with another feature set (an older cosched) cannot train this model: start afresh.
-            if data.get("num_features") == NUM_FEATURES:
+            if data.get("num_features") == NUM_FEATURES and data.get("feature_version") == FEATURE_VERSION:
                 self.x, self.y = data["x"], data["y"]
                 self.fit()
 
@@ -315,7 +351,9 @@ class CostModel:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"x": self.x, "y": self.y, "num_features": NUM_FEATURES}))
+            tmp.write_text(
+                json.dumps({"x": self.x, "y": self.y, "num_features": NUM_FEATURES, "feature_version": FEATURE_VERSION})
+            )
             tmp.replace(self.path)
 
 
