@@ -2,6 +2,8 @@
 
 import itertools
 import os
+import threading
+import time
 
 # Must be in the environment before TVM creates any thread pool (i.e. before importing tvm is the
 # safe place): otherwise TVM pins the first thread to core 0 and threads inherit it.
@@ -261,3 +263,26 @@ def test_time_models_pairs_tvm_and_ort_per_model(tiny_models):
     table = format_models(timings)
     assert all(line.startswith(m.name + " ") for m, line in zip(timings, table.splitlines()[2:], strict=False))
     assert "bootstrap interval" in table
+
+
+def test_settle_waits_for_busy_threads_to_go_idle():
+    stop = time.perf_counter() + 0.3
+
+    def spin():  # what an idle thread pool's worker does: burn a core, then sleep
+        while time.perf_counter() < stop:
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    waited = bench.settle(0.0, max_s=5.0)
+    worker.join()
+    assert 0.25 <= waited < 5.0
+    # An idle process: the minimum, not the cap.
+    assert bench.settle(0.05, max_s=5.0) < 2.5
+    # The cap holds while something keeps the process busy.
+    stop = time.perf_counter() + 3.0
+    worker = threading.Thread(target=spin)
+    worker.start()
+    waited = bench.settle(0.0, max_s=0.5)
+    worker.join()
+    assert 0.5 <= waited < 2.5

@@ -682,6 +682,31 @@ def closing(contenders: Iterable[Contender]) -> Iterator[None]:
                 c.close()
 
 
+QUIET_SHARE = 0.1
+"""``settle``'s idea of idle: the process used at most this share of one core over a window."""
+
+
+def settle(min_s: float, max_s: float = 1.0, window_s: float = 0.02) -> float:
+    """Sleep at least ``min_s``, then until this process used at most ``QUIET_SHARE`` of a core over
+    ``window_s`` (or ``max_s`` passed); returns the seconds slept.
+
+    A fixed pause is too short after some runs and wasted after others: after one run of each, 18
+    bundles of the demo mix in one process (a search holds that many) kept both cores busy for 8 s,
+    their pools' workers yielding to one another, and one bundle's pools went idle 0.2-0.45 s after
+    its run, depending on its streams.
+    """
+    start = time.perf_counter()
+    time.sleep(min_s)
+    last = time.process_time()  # every thread of the process
+    while time.perf_counter() - start < max_s:
+        time.sleep(window_s)
+        now = time.process_time()
+        if now - last <= QUIET_SHARE * window_s:
+            break
+        last = now
+    return time.perf_counter() - start
+
+
 def measure(
     contenders: Sequence[Contender],
     repeat: int = 20,
@@ -700,9 +725,11 @@ def measure(
     follows the same neighbour: a contender's leftovers (a spinning pool, evicted caches) would
     otherwise slow the same other contender every round, a bias no number of rounds averages out.
     (Rotating the opener keeps the cyclic order, and with it the neighbours.) Before each run the
-    machine is left idle for ``settle_s``: thread pools busy-wait after a run, and measured here a TVM pool worker burns a core for about
-    200 ms after the last parallel kernel (``TVM_THREAD_POOL_SPIN_COUNT``), an ONNX Runtime
-    intra-op pool about 50 ms, which would slow down whichever contender runs next. (Spinning
+    machine is left idle for at least ``settle_s`` and until this process's threads are (``settle``):
+    thread pools busy-wait after a run, and measured here a TVM pool worker burns a core for about
+    200 ms after the last parallel kernel (``TVM_THREAD_POOL_SPIN_COUNT``), a bundle with three
+    streams up to 450 ms, an ONNX Runtime intra-op pool about 50 ms, which would slow down
+    whichever contender runs next. (Spinning
     *within* a contender, e.g. one session's pool while the next session runs, is that
     contender's real cost and stays in.) Warm-up rounds are not recorded. Results are in the
     order of ``contenders``.
@@ -725,7 +752,7 @@ def measure(
                 order[0], order[-1] = order[-1], order[0]
         for i in order:
             if settle_s > 0:
-                time.sleep(settle_s)
+                settle(settle_s)
             run = contenders[i].run
             t0 = time.perf_counter_ns()
             for _ in range(number):
