@@ -170,14 +170,16 @@ def test_speedup_bound_packs_kernels_on_one_core_or_all():
     assert KernelProfile(one={0: 10.0}, full={0: 5.0}, nbytes={}).speedup_bound(2) == pytest.approx(1.0)
 
 
-def _two_stream_schedule(threads: list[int], waits: bool = False) -> Schedule:
-    """Kernel 0 on stream 0; kernels 1 and 2 on stream 1 (kernel 2 waiting on kernel 0 if ``waits``)."""
+def _two_stream_schedule(threads: list[int], waits: dict[int, list[int]] | None = None) -> Schedule:
+    """Kernel 0 on stream 0; kernels 1 and 2 on stream 1; ``waits``: kernel -> kernels it waits on."""
     buffers = [Buffer(i, [4], "float32", "intermediate", "t") for i in range(4)]
     kernels = [
         Kernel(0, "f0", "t", [0, 1], 1, stream=0, order=0),
         Kernel(1, "f1", "t", [0, 2], 1, stream=1, order=0),
-        Kernel(2, "f2", "t", [2, 3], 1, stream=1, order=1, waits=[0] if waits else []),
+        Kernel(2, "f2", "t", [2, 3], 1, stream=1, order=1),
     ]
+    for k in kernels:
+        k.waits = (waits or {}).get(k.id, [])
     streams = [Stream(i, t) for i, t in enumerate(threads)]
     return Schedule(kernels, buffers, [TenantIO("t", {}, [3])], streams, cores=2)
 
@@ -197,7 +199,12 @@ def test_simulator_grants_cores_as_the_runtime_does():
     assert simulate(_two_stream_schedule([1, 1]), profile)["makespan"] == pytest.approx(12 + 10)
     # A wait on the other stream delays kernel 2 until kernel 0 ends.
     slow = KernelProfile(**{**profile.__dict__, "one": {0: 30.0, 1: 10.0, 2: 10.0}, "shared": {}})
-    assert simulate(_two_stream_schedule([2, 2], waits=True), slow)["makespan"] == pytest.approx(30 + 6)
+    assert simulate(_two_stream_schedule([2, 2], {2: [0]}), slow)["makespan"] == pytest.approx(30 + 6)
+    # Kernel 0 runs alone on both cores; kernels 1 and 2 then run beside its stream's idle, spinning
+    # pool worker (not before: with one core each, kernels 0 and 1 wake no pool worker).
+    sim = simulate(_two_stream_schedule([2, 2], {1: [0]}), profile)
+    assert sim["makespan"] == pytest.approx(6 + 6 + 6) and sim["spin_exposed"] == pytest.approx(6 + 6)
+    assert simulate(_two_stream_schedule([2, 2]), profile)["spin_exposed"] == 0.0
     # One stream gets the whole budget.
     one_stream = _two_stream_schedule([2, 2])
     for k in one_stream.kernels:

@@ -715,6 +715,7 @@ def measure(
     number: int = 1,
     shuffle: bool = True,
     settle_s: float = 0.25,
+    quiet: bool = True,
     seed: int = 0,
 ) -> list[Result]:
     """Time every contender ``repeat`` times, alternating: one run of each per round.
@@ -729,7 +730,8 @@ def measure(
     thread pools busy-wait after a run, and measured here a TVM pool worker burns a core for about
     200 ms after the last parallel kernel (``TVM_THREAD_POOL_SPIN_COUNT``), a bundle with three
     streams up to 450 ms, an ONNX Runtime intra-op pool about 50 ms, which would slow down
-    whichever contender runs next. (Spinning
+    whichever contender runs next. ``quiet=False``: a fixed pause of ``settle_s`` (cosched's
+    measurements before 2026-11-24; ``benchmarks/settle_ab.py`` compares the two). (Spinning
     *within* a contender, e.g. one session's pool while the next session runs, is that
     contender's real cost and stays in.) Warm-up rounds are not recorded. Results are in the
     order of ``contenders``.
@@ -751,8 +753,10 @@ def measure(
             if len(order) > 1 and order[0] == last:  # never one contender twice in a row
                 order[0], order[-1] = order[-1], order[0]
         for i in order:
-            if settle_s > 0:
+            if settle_s > 0 and quiet:
                 settle(settle_s)
+            elif settle_s > 0:
+                time.sleep(settle_s)
             run = contenders[i].run
             t0 = time.perf_counter_ns()
             for _ in range(number):

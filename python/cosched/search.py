@@ -26,9 +26,10 @@ import numpy as np
 from .errors import CoschedError
 from .schedule import Schedule, Stream, assign_waits
 
-NUM_FEATURES = 21
+NUM_FEATURES = 22
 FEATURE_VERSION = 2
-"""2: the simulator grants cores as the runtime does (1 scaled every kernel by the streams' oversubscription)."""
+"""2: the simulator grants cores as the runtime does (1 scaled every kernel by the streams' oversubscription)
+and counts other streams' spinning pool workers."""
 MAX_STREAMS = 4
 SEARCHED_SCHEDULE = "searched_schedule.json"
 """The file in a search's ``work_dir`` that holds the winning schedule."""
@@ -209,7 +210,8 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
     Each stream's next kernel starts once its waits are done and a core is free; it takes the free
     cores up to its stream's cap, leaving one to every other stream that is ready and holds none, and
     keeps them until it ends (``runtime/src/executor.cc``, ``Acquire``). A kernel granted part of the
-    budget runs at its co-running speed (``KernelProfile.slowdown``).
+    budget runs at its co-running speed (``KernelProfile.slowdown``). ``spin_exposed``: kernel time
+    times the other streams' pool workers that spin beside it (their speed cost is the model's to learn).
     """
     cores = max(schedule.cores, 1)
     threads = {s.id: s.threads for s in schedule.streams}
@@ -222,6 +224,10 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
     finish: dict[int, float] = {}
     spans = []
     now, free = 0.0, cores
+    # Pool workers a stream's kernels have woken: TVM's pools are per thread and yield-spin ~100 ms
+    # (longer than most runs) after a parallel kernel, on cores the runtime counts as free.
+    pool = dict.fromkeys(threads, 0)
+    spin_exposed = 0.0
 
     def ready(s: int) -> bool:
         if holding[s] or nxt[s] >= len(queues[s]):
@@ -241,6 +247,9 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
             free -= granted
             holding[s] = granted
             running[s] = (now + dur, k)
+            spinning = sum(pool[o] for o in threads if o != s and holding[o] <= 1)
+            spin_exposed += dur * spinning
+            pool[s] = max(pool[s], granted - 1)
             spans.append((now, now + dur, profile.nbytes[k.id] / max(dur, 1e-3)))
         if not running:
             raise CoschedError("schedule cannot be simulated: a kernel waits on one that never runs")
@@ -277,6 +286,7 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
         "overlap": overlap,
         "overlap_bw": overlap_bw,
         "interference": interference,
+        "spin_exposed": spin_exposed,
     }
 
 
@@ -305,6 +315,7 @@ def features(schedule: Schedule, profile: KernelProfile) -> np.ndarray:
         min(busy, default=0.0),
         len(schedule.kernels) / 100.0,
         sim["interference"],
+        sim["spin_exposed"] / work_full,
     ]
     return np.asarray(vec, dtype=np.float64)
 
