@@ -163,7 +163,10 @@ def thread_splits(cores: int, streams: int) -> list[list[int]]:
     return [shared] + [s for s in static_splits(cores, streams) if s != shared]
 
 
-def _mutate(schedule: Schedule, rng: random.Random) -> tuple[list[int], dict[int, int], list[int]]:
+def mutate(schedule: Schedule, rng: random.Random) -> tuple[list[int], dict[int, int], list[int]]:
+    """One random edit of a schedule, as ``rebuild``'s issue order, streams and core caps: a kernel
+    moved within its dependencies, a run of a tenant's kernels to another stream, a new core split or
+    a new number of streams."""
     issue = [k.id for k in schedule.kernels]
     stream_of = {k.id: k.stream for k in schedule.kernels}
     threads = [s.threads for s in schedule.streams]
@@ -518,7 +521,7 @@ def search(
         children = []
         for _ in range(population):
             parent = rng.choice(parents)
-            issue, stream_of, threads = _mutate(parent.schedule, rng)
+            issue, stream_of, threads = mutate(parent.schedule, rng)
             child = Candidate(
                 rebuild(parent.schedule, issue, stream_of, threads, f"gen{gen}<-{parent.origin}"),
                 f"gen{gen}<-{parent.origin}",

@@ -1,0 +1,85 @@
+"""How well the co-schedule search's features rank schedules, checked against measurement.
+
+    python benchmarks/search_features.py --mix demo > benchmarks/results/search-features-demo.txt
+
+The fixed strategies and ``--random`` random edits of them (the search's own mutations) are measured
+the way the search measures (alternated with the sequential schedule, ``cosched.search.measure``).
+Printed: the rank correlation (Spearman) of the simulated makespan and of the simulated spinning
+pool workers (``spin_exposed``) with the measured latency, and of the cost model's leave-one-out
+predictions with all features and without the last one, then every schedule's numbers.
+"""
+
+import argparse
+import os
+import random
+import sys
+
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import numpy as np
+
+import cosched
+from cosched import bench, search
+from cosched.compare import MIXES, load_models, shipped_database
+from cosched.target import host_target
+
+
+def leave_one_out(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman of each schedule's prediction by a cost model trained on all the others."""
+    predicted = []
+    for i in range(len(y)):
+        model = search.CostModel()
+        for j in range(len(y)):
+            if j != i:
+                model.add(x[j], y[j])
+        model.fit()
+        predicted.append(float(model.predict(x[i])[0]))
+    return search.spearman(predicted, list(y))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mix", default="demo", choices=list(MIXES))
+    parser.add_argument("--random", type=int, default=30, help="random edits of the fixed strategies")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    database = shipped_database(args.mix)
+    if database is None:
+        print(f"no shipped database for {args.mix} on this CPU: tune it first", file=sys.stderr)
+        return 1
+    threads = os.cpu_count() or 1
+    models = load_models(MIXES[args.mix])
+    tenants = [cosched.load_onnx(m, name=n) for n, m in models.items()]
+    bundle = cosched.compile(tenants, database=database, cores=threads)
+    inputs = bundle.random_inputs()
+    profile = search.profile_kernels(bundle, inputs)
+    candidates = [(c.origin, c.schedule) for c in search.seeds(bundle)]
+    rng = random.Random(args.seed)
+    fixed = [s for _, s in candidates]
+    for i in range(args.random):
+        schedule = rng.choice(fixed)
+        for _ in range(rng.randint(1, 4)):
+            issue, stream_of, caps = search.mutate(schedule, rng)
+            schedule = search.rebuild(schedule, issue, stream_of, caps, "edit")
+        candidates.append((f"edit {i}, caps {[s.threads for s in schedule.streams]}", schedule))
+    x = np.stack([search.features(s, profile) for _, s in candidates])
+    sequential = search.sequential_schedule(bundle.schedule)
+    times = search.measure(bundle, [sequential] + [s for _, s in candidates], inputs, repeat=args.repeat, copies=3)
+    y = np.asarray(times[1:]) / times[0]
+    makespan, spin = x[:, 4], x[:, search.NUM_FEATURES - 1]
+    print(bench.header(threads, host_target()))
+    print(f"mix     : {args.mix}; {len(candidates)} schedules, {args.repeat} runs each, alternated with sequential")
+    print("rank correlation (Spearman) with the measured latency relative to sequential:")
+    print(f"  simulated makespan                         {search.spearman(list(makespan), list(y)):.2f}")
+    print(f"  simulated spinning pool workers            {search.spearman(list(spin), list(y)):.2f}")
+    print(f"  cost model, leave-one-out, all features    {leave_one_out(x, y):.2f}")
+    print(f"  cost model, leave-one-out, without spin    {leave_one_out(x[:, :-1], y):.2f}")
+    print(f"\n{'measured':>9} {'makespan':>9} {'spin':>6}  schedule")
+    for (name, _), t, m, s in zip(candidates, y, makespan, spin, strict=True):
+        print(f"{t:9.3f} {m:9.3f} {s:6.3f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
