@@ -415,17 +415,25 @@ def measure(
     repeat: int = 5,
     settle_s: float = SETTLE_S,
     copies: int = 1,
+    quiet: bool = True,
 ) -> list[float]:
     """Median latency (ms) of each schedule, runs alternated across schedules.
 
     The first schedule is the reference of the others' ratios: with ``copies`` > 1 it runs
-    as ``copies`` separately built bundles, and its median is over all their samples.
+    as ``copies`` separately built bundles, and its median is over all their samples. ``quiet``:
+    pause until the process is idle after ``settle_s`` (``bench.measure``).
     """
-    return [r.median_ms for r in _measure_results(bundle, schedules, inputs, repeat, settle_s, copies)]
+    return [r.median_ms for r in _measure_results(bundle, schedules, inputs, repeat, settle_s, copies, quiet)]
 
 
 def _measure_results(
-    bundle, schedules: list[Schedule], inputs, repeat: int, settle_s: float = SETTLE_S, copies: int = 1
+    bundle,
+    schedules: list[Schedule],
+    inputs,
+    repeat: int,
+    settle_s: float = SETTLE_S,
+    copies: int = 1,
+    quiet: bool = True,
 ) -> list:
     """``measure``, as ``bench.Result`` objects (the reference's holds every copy's samples)."""
     from . import bench
@@ -437,7 +445,7 @@ def _measure_results(
     # One warm-up round starts workers and workspaces. Each schedule has its own workers, and the
     # previous one's thread pools spin ~200 ms after a run: six copies of one schedule measured
     # 1.25-1.40x apart with a 0.1 s pause, 1.07-1.12x with 0.3 s (benchmarks/search_noise.py).
-    results = bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s)
+    results = bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s, quiet=quiet)
     if copies == 1:
         return results
     reference = bench.Result.from_samples("reference", [t for r in results[:copies] for t in r.samples_ms])
