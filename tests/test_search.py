@@ -1,5 +1,6 @@
 """Learned co-schedule search: valid, never slower than sequential on measurement, model trains."""
 
+import shutil
 import types
 from unittest import mock
 
@@ -18,6 +19,7 @@ from cosched.search import (
     features,
     load_searched,
     profile_kernels,
+    searched_bundle,
     simulate,
     spearman,
     thread_splits,
@@ -217,3 +219,18 @@ def test_search_report_states_the_profile_bound(searched):
     report = searched[0].search_report
     assert report.speedup_bound is not None and report.speedup_bound >= 1.0
     assert "estimate of the most any schedule gains over sequential" in report.summary()
+
+
+def test_a_new_search_has_to_beat_the_stored_winner(searched, tmp_path):
+    _, tenants, work = searched
+    shutil.copytree(work, tmp_path / "work")
+    fresh = cosched.compile(tenants)
+    options = {"generations": 0, "repeat": 2, "confirm": 1, "reference_copies": 1}
+    _, report = searched_bundle(fresh, make_inputs(tenants), work_dir=tmp_path / "work", **options)
+    assert "stored" in [c.origin for c in report.measured]  # measured in round 0 ...
+    assert "stored" in [origin for origin, _ in report.confirmed]  # ... and in the confirming round
+    assert "stored" not in report.fixed
+    assert "confirmed side by side" in report.summary()
+    # Without a stored schedule there is nothing to beat.
+    _, report = searched_bundle(fresh, make_inputs(tenants), work_dir=tmp_path / "empty", **options)
+    assert "stored" not in [c.origin for c in report.measured]

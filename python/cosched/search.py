@@ -97,6 +97,7 @@ class SearchReport:
     seconds: float = 0.0
     speedup_bound: float | None = None  # KernelProfile.speedup_bound for the bundle's cores
     best_interval: tuple[float, float] | None = None  # 95% interval of best.measured in the confirming round
+    confirmed: list[tuple[str, float]] = field(default_factory=list)  # the confirming round: (origin, ratio)
 
     def summary(self) -> str:
         interval = ""
@@ -113,6 +114,8 @@ class SearchReport:
             lines.append(
                 f"  cost model rank correlation (predicted vs measured, Spearman): {self.rank_correlation:.2f}"
             )
+        if self.confirmed:
+            lines.append("  confirmed side by side: " + ", ".join(f"{o} {r:.3f}x" for o, r in self.confirmed))
         if self.speedup_bound is not None:
             lines.append(
                 f"  kernel profile's estimate of the most any schedule gains over sequential: {self.speedup_bound:.2f}x"
@@ -485,6 +488,7 @@ def search(
     model_path: str | Path | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    incumbent: Schedule | None = None,
 ) -> SearchReport:
     """Search the co-schedule of a compiled bundle; returns the report with the best measured schedule.
 
@@ -492,6 +496,8 @@ def search(
     schedules into ``population`` children, measures the ``measure_top`` the model ranks best plus
     ``explore`` random ones, and retrains the model. The ``confirm`` best are then measured again
     side by side with the sequential schedule; the fastest there wins unless sequential is faster.
+    ``incumbent`` (a schedule stored by an earlier search) is measured in round 0 and always among
+    those, so a new winner has to beat it side by side.
     Every ratio is to the sequential schedule in the same batch, run as ``reference_copies`` bundles.
     """
     from . import bench
@@ -503,6 +509,10 @@ def search(
     model = CostModel(model_path)
     sequential = sequential_schedule(bundle.schedule)
     pool = seeds(bundle)
+    stored = None
+    if incumbent is not None:
+        stored = Candidate(incumbent, "stored")
+        pool.append(stored)
     for c in pool:
         c.features = features(c.schedule, profile)
     measured: list[Candidate] = []
@@ -522,7 +532,7 @@ def search(
 
     # Round 0: all fixed strategies, so the model starts from real data and the report can compare.
     seq_ms = [run_batch(pool)]
-    fixed = {c.origin: c.measured for c in pool}
+    fixed = {c.origin: c.measured for c in pool if c is not stored}
     log(f"measured {len(pool)} fixed schedules; best {min(fixed.values()):.3f}x sequential")
     for gen in range(generations):
         parents = sorted(measured, key=lambda c: c.measured)[: max(4, measure_top)]
@@ -554,6 +564,8 @@ def search(
     # The best of many noisy measurements is biased low (winner's curse): the top few are measured
     # again, together, with twice the runs, and the winner is picked from that round alone.
     finalists = sorted(measured, key=lambda c: c.measured)[:confirm]
+    if stored is not None and all(c is not stored for c in finalists):
+        finalists.append(stored)  # a new winner has to beat the stored one side by side
     results = _measure_results(
         bundle, [sequential] + [c.schedule for c in finalists], inputs, 2 * repeat, copies=reference_copies
     )
@@ -576,6 +588,7 @@ def search(
         seconds=time.time() - start,
         speedup_bound=profile.speedup_bound(bundle.schedule.cores),
         best_interval=interval,
+        confirmed=[(c.origin, t / times[0]) for c, t in zip(finalists, times[1:], strict=True)],
     )
 
 
@@ -594,11 +607,22 @@ def searched_bundle(bundle, inputs=None, work_dir: str | Path | None = None, **o
     """Search a compiled bundle's co-schedule and return (bundle with the winner, report).
 
     With ``work_dir``, the cost model (``cost_model.json``) is kept there across runs and the winning
-    schedule is stored as ``searched_schedule.json``.
+    schedule is stored as ``searched_schedule.json``; one stored by an earlier search for these kernels
+    is the ``incumbent`` the new winner has to beat.
     """
     if inputs is None:
         inputs = bundle.random_inputs()
     model_path = Path(work_dir) / "cost_model.json" if work_dir else None
+    if work_dir and "incumbent" not in options:
+        try:
+            stored = _stored_schedule(bundle, work_dir)
+        except CoschedError:
+            pass  # none, or for other kernels: nothing to beat
+        else:
+            # Over this bundle's own buffers, with waits recomputed, as the search builds candidates.
+            streams = {k.id: k.stream for k in stored.kernels}
+            caps = [st.threads for st in stored.streams]
+            options["incumbent"] = rebuild(bundle.schedule, [k.id for k in stored.kernels], streams, caps, "stored")
     report = search(bundle, inputs, model_path=model_path, **options)
     result = _applied(bundle, report.best.schedule)
     if work_dir:
@@ -623,6 +647,11 @@ def load_searched(bundle, work_dir: str | Path):
     Raises ``CoschedError`` when there is none, or when it was searched for other kernels or another
     core budget (search again then).
     """
+    return _applied(bundle, _stored_schedule(bundle, work_dir))
+
+
+def _stored_schedule(bundle, work_dir: str | Path) -> Schedule:
+    """The schedule a search stored in ``work_dir``, checked against the bundle (``load_searched``)."""
     path = Path(work_dir) / SEARCHED_SCHEDULE
     if not path.is_file():
         raise CoschedError(f"no searched schedule in {work_dir}", hint="run cosched tune --schedule first")
@@ -645,7 +674,7 @@ def load_searched(bundle, work_dir: str | Path):
             f"{path} was searched for other kernels (the models or their tuning changed)",
             hint="search again: cosched tune --schedule",
         )
-    return _applied(bundle, stored)
+    return stored
 
 
 def _signature(schedule: Schedule) -> dict[int, tuple]:
