@@ -21,7 +21,7 @@ import numpy as np
 
 import cosched
 from cosched import bench, search
-from cosched.compare import MIXES, load_models, shipped_database
+from cosched.compare import MIXES, load_mix
 from cosched.target import host_target
 
 
@@ -45,13 +45,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    database = shipped_database(args.mix)
-    if database is None:
-        print(f"no shipped database for {args.mix} on this CPU: tune it first", file=sys.stderr)
-        return 1
+    database, _, tenants = load_mix(args.mix)
     threads = os.cpu_count() or 1
-    models = load_models(MIXES[args.mix])
-    tenants = [cosched.load_onnx(m, name=n) for n, m in models.items()]
     bundle = cosched.compile(tenants, database=database, cores=threads)
     inputs = bundle.random_inputs()
     profile = search.profile_kernels(bundle, inputs)

@@ -14,7 +14,7 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 import cosched
 from cosched import bench
-from cosched.compare import MIXES, load_models, shipped_database
+from cosched.compare import MIXES, load_mix
 from cosched.target import host_target
 
 
@@ -24,13 +24,8 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    database = shipped_database(args.mix)
-    if database is None:
-        print(f"no shipped database for {args.mix} on this CPU: tune it first", file=sys.stderr)
-        return 1
+    database, models, tenants = load_mix(args.mix)
     threads = os.cpu_count() or 1
-    models = load_models(MIXES[args.mix])
-    tenants = [cosched.load_onnx(m, name=n) for n, m in models.items()]
     searched = cosched.compile(
         tenants,
         database=database,

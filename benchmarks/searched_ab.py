@@ -14,10 +14,9 @@ import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import cosched
 from cosched import bench
-from cosched.compare import MIXES, cosched_contender, load_models, make_inputs, shipped_database
-from cosched.search import load_searched, sequential_schedule
+from cosched.compare import MIXES, cosched_contender, load_mix, make_inputs, sequential_baselines
+from cosched.search import load_searched
 from cosched.target import host_target
 
 
@@ -27,27 +26,16 @@ def main() -> int:
     parser.add_argument("--dirs", nargs="+", required=True, help="search work dirs with a stored schedule")
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
-    database = shipped_database(args.mix)
-    if database is None:
-        print(f"no shipped database for {args.mix} on this CPU: tune it first", file=sys.stderr)
-        return 1
+    database, _, tenants = load_mix(args.mix)
     threads = os.cpu_count() or 1
-    target = host_target()
-    models = load_models(MIXES[args.mix])
-    tenants = [cosched.load_onnx(m, name=n) for n, m in models.items()]
     inputs = make_inputs(tenants)
-    exes = {t.name: bench.compile_tenant(t, target, database) for t in tenants}
-    bundle = cosched.compile(tenants, database=database, cores=threads)
-    contenders = [
-        bench.relax_vm_sequential(tenants, inputs, target, threads, executables=exes, measure_memory=False),
-        cosched_contender("cosched-sequential-1", bundle.with_schedule(sequential_schedule(bundle.schedule)), inputs),
-    ]
+    bundle, contenders = sequential_baselines(tenants, inputs, database, threads)
     for i, work_dir in enumerate(args.dirs):
         searched = load_searched(bundle, work_dir)
         contenders.append(cosched_contender(f"searched-{i}", searched, inputs))
         streams = ", ".join(f"{s.threads}" for s in searched.schedule.streams)
         print(f"searched-{i}: {work_dir}: {searched.schedule.num_streams} stream(s), caps {streams}")
-    print(bench.header(threads, target) + f"\nmix     : {args.mix}; {args.repeat} rounds")
+    print(bench.header(threads, host_target()) + f"\nmix     : {args.mix}; {args.repeat} rounds")
     with bench.closing(contenders):
         results = bench.measure(contenders, repeat=args.repeat, warmup=2)
     for r in results:

@@ -18,8 +18,8 @@ os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 import cosched
 from cosched import bench
-from cosched.compare import MIXES, cosched_contender, load_models, make_inputs, shipped_database
-from cosched.search import load_searched, sequential_schedule
+from cosched.compare import MIXES, cosched_contender, load_mix, make_inputs, sequential_baselines
+from cosched.search import load_searched
 from cosched.target import host_target
 
 
@@ -30,21 +30,13 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=4, help="passes, alternating fixed and idle pauses")
     parser.add_argument("--settle", type=float, default=0.25)
     args = parser.parse_args()
-    database = shipped_database(args.mix)
-    if database is None:
-        print(f"no shipped database for {args.mix} on this CPU: tune it first", file=sys.stderr)
-        return 1
+    database, _, tenants = load_mix(args.mix)
     threads = os.cpu_count() or 1
     target = host_target()
-    models = load_models(MIXES[args.mix])
-    tenants = [cosched.load_onnx(m, name=n) for n, m in models.items()]
     inputs = make_inputs(tenants)
-    exes = {t.name: bench.compile_tenant(t, target, database) for t in tenants}
-    bundle = cosched.compile(tenants, database=database, cores=threads)
-    contenders = [
-        bench.relax_vm_sequential(tenants, inputs, target, threads, executables=exes, measure_memory=False),
-        bench.relax_vm_concurrent(tenants, inputs, target, threads, executables=exes, measure_memory=False),
-        cosched_contender("cosched-sequential-1", bundle.with_schedule(sequential_schedule(bundle.schedule)), inputs),
+    bundle, contenders = sequential_baselines(tenants, inputs, database, threads)
+    contenders += [
+        bench.relax_vm_concurrent(tenants, inputs, target, threads, measure_memory=False, database=database),
         cosched_contender("cosched-breadth_first", cosched.reschedule(bundle, "breadth_first"), inputs),
         cosched_contender("cosched-search", load_searched(bundle, database / "search"), inputs),
     ]

@@ -286,3 +286,26 @@ def test_settle_waits_for_busy_threads_to_go_idle():
     waited = bench.settle(0.0, max_s=0.5)
     worker.join()
     assert 0.5 <= waited < 2.5
+
+
+def test_a_mix_without_a_shipped_database_says_how_to_tune_it(tmp_path, monkeypatch):
+    from cosched.compare import load_mix
+
+    monkeypatch.setenv("COSCHED_DATABASES", str(tmp_path))
+    with pytest.raises(CoschedError, match=r"no shipped database for mix demo.*cosched tune squeezenet"):
+        load_mix("demo")
+
+
+def test_sequential_baselines_run_the_same_models_one_after_another():
+    from cosched.compare import make_inputs, sequential_baselines
+    from cosched.models import tiny_cnn
+
+    tenants = [load_onnx(tiny_cnn(n, seed=i), name=n) for i, n in enumerate(["a", "b"])]
+    inputs = make_inputs(tenants)
+    bundle, contenders = sequential_baselines(tenants, inputs, None, threads=2)
+    assert [c.name for c in contenders] == ["relax-vm-seq", "cosched-sequential-1"]
+    assert bundle.schedule.num_streams >= 1
+    with bench.closing(contenders):
+        vm, one_stream = (c.run_once() for c in contenders)
+    for name in ("a", "b"):
+        np.testing.assert_allclose(one_stream[name][0], vm[name][0].reshape(one_stream[name][0].shape), rtol=1e-5)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -20,6 +21,9 @@ from .models import LIGHT_MODELS, light_model
 from .search import SEARCHED_SCHEDULE, load_searched
 from .target import as_target, host_cpu
 from .tenant import Tenant, load_onnx
+
+if TYPE_CHECKING:
+    from cosched.runtime import Bundle
 
 REPO_DATABASES = Path(__file__).resolve().parents[2] / "databases"
 DEFAULT_STRATEGIES = ("sequential", "round_robin", "breadth_first")
@@ -75,6 +79,36 @@ def shipped_database(mix: str = "demo") -> Path | None:
     root = Path(env) if env else REPO_DATABASES
     path = root / host_cpu() / mix
     return path if path.is_dir() else None
+
+
+def load_mix(mix: str) -> tuple[Path, dict[str, onnx.ModelProto], list[Tenant]]:
+    """A benchmark mix's shipped database for this CPU, its models and their tenants."""
+    database = shipped_database(mix)
+    if database is None:
+        raise CoschedError(
+            f"no shipped database for mix {mix} on this CPU ({host_cpu()})",
+            hint=f"tune it first: cosched tune {' '.join(MIXES[mix])} --work-dir databases/{host_cpu()}/{mix}",
+        )
+    models = load_models(MIXES[mix])
+    return database, models, [load_onnx(m, name=n) for n, m in models.items()]
+
+
+def sequential_baselines(
+    tenants: Sequence[Tenant], inputs, database: str | Path | None, threads: int
+) -> tuple[Bundle, list[bench.Contender]]:
+    """The tenants compiled into one bundle, and the two ways to run them one after another it is
+    measured against: the Relax VM (``relax-vm-seq``) and the bundle's one-stream order
+    (``cosched-sequential-1``)."""
+    from .search import sequential_schedule
+
+    target = as_target(None)
+    exes = {t.name: bench.compile_tenant(t, target, database) for t in tenants}
+    bundle = compile_bundle(list(tenants), target, database=database, cores=threads)
+    one_stream = bundle.with_schedule(sequential_schedule(bundle.schedule))
+    return bundle, [
+        bench.relax_vm_sequential(tenants, inputs, target, threads, executables=exes, measure_memory=False),
+        cosched_contender("cosched-sequential-1", one_stream, inputs),
+    ]
 
 
 def make_inputs(tenants: Sequence[Tenant], seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
