@@ -34,7 +34,7 @@ MAX_STREAMS = 4
 SEARCHED_SCHEDULE = "searched_schedule.json"
 """The file in a search's ``work_dir`` that holds the winning schedule."""
 SETTLE_S = 0.3
-"""Idle pause before each measured run (see ``_measure_results``)."""
+"""Least idle pause before each measured run; it lasts until the process is idle (see ``_measure_results``)."""
 
 
 @dataclass
@@ -446,8 +446,10 @@ def _measure_results(
     bundles += [bundle.with_schedule(s) for s in schedules[1:]]
     contenders = [bench.Contender(name=str(i), run=lambda b=b: b.run(inputs)) for i, b in enumerate(bundles)]
     # One warm-up round starts workers and workspaces. Each schedule has its own workers, and the
-    # previous one's thread pools spin ~200 ms after a run: six copies of one schedule measured
-    # 1.25-1.40x apart with a 0.1 s pause, 1.07-1.12x with 0.3 s (benchmarks/search_noise.py).
+    # previous one's thread pools spin 0.2-0.45 s after a run: six copies of one schedule measured
+    # 1.25-1.40x apart with a fixed 0.1 s pause, 1.07-1.12x with 0.3 s (benchmarks/search_noise.py),
+    # and a fixed pause made several streams look faster than sequential (search_features.py), so
+    # the pause lasts until the process is idle (bench.settle).
     results = bench.measure(contenders, repeat=repeat, warmup=1, settle_s=settle_s, quiet=quiet)
     if copies == 1:
         return results
