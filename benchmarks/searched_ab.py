@@ -29,7 +29,7 @@ def main() -> int:
     database, _, tenants = load_mix(args.mix)
     threads = os.cpu_count() or 1
     inputs = make_inputs(tenants)
-    bundle, contenders = sequential_baselines(tenants, inputs, database, threads)
+    bundle, contenders, _ = sequential_baselines(tenants, inputs, database, threads)
     for i, work_dir in enumerate(args.dirs):
         searched = load_searched(bundle, work_dir)
         contenders.append(cosched_contender(f"searched-{i}", searched, inputs))

@@ -34,9 +34,9 @@ def main() -> int:
     threads = os.cpu_count() or 1
     target = host_target()
     inputs = make_inputs(tenants)
-    bundle, contenders = sequential_baselines(tenants, inputs, database, threads)
+    bundle, contenders, exes = sequential_baselines(tenants, inputs, database, threads)
     contenders += [
-        bench.relax_vm_concurrent(tenants, inputs, target, threads, measure_memory=False, database=database),
+        bench.relax_vm_concurrent(tenants, inputs, target, threads, executables=exes, measure_memory=False),
         cosched_contender("cosched-breadth_first", cosched.reschedule(bundle, "breadth_first"), inputs),
         cosched_contender("cosched-search", load_searched(bundle, database / "search"), inputs),
     ]

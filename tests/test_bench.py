@@ -302,8 +302,9 @@ def test_sequential_baselines_run_the_same_models_one_after_another():
 
     tenants = [load_onnx(tiny_cnn(n, seed=i), name=n) for i, n in enumerate(["a", "b"])]
     inputs = make_inputs(tenants)
-    bundle, contenders = sequential_baselines(tenants, inputs, None, threads=2)
+    bundle, contenders, exes = sequential_baselines(tenants, inputs, None, threads=2)
     assert [c.name for c in contenders] == ["relax-vm-seq", "cosched-sequential-1"]
+    assert sorted(exes) == ["a", "b"]
     assert bundle.schedule.num_streams >= 1
     with bench.closing(contenders):
         vm, one_stream = (c.run_once() for c in contenders)

@@ -18,11 +18,13 @@ from .compiler import compile as compile_bundle
 from .compiler import reschedule
 from .errors import CoschedError
 from .models import LIGHT_MODELS, light_model
-from .search import SEARCHED_SCHEDULE, load_searched
+from .search import SEARCHED_SCHEDULE, load_searched, sequential_schedule
 from .target import as_target, host_cpu
 from .tenant import Tenant, load_onnx
 
 if TYPE_CHECKING:
+    from tvm import relax
+
     from cosched.runtime import Bundle
 
 REPO_DATABASES = Path(__file__).resolve().parents[2] / "databases"
@@ -95,20 +97,20 @@ def load_mix(mix: str) -> tuple[Path, dict[str, onnx.ModelProto], list[Tenant]]:
 
 def sequential_baselines(
     tenants: Sequence[Tenant], inputs, database: str | Path | None, threads: int
-) -> tuple[Bundle, list[bench.Contender]]:
-    """The tenants compiled into one bundle, and the two ways to run them one after another it is
+) -> tuple[Bundle, list[bench.Contender], dict[str, relax.VMExecutable]]:
+    """The tenants compiled into one bundle, the two ways to run them one after another it is
     measured against: the Relax VM (``relax-vm-seq``) and the bundle's one-stream order
-    (``cosched-sequential-1``)."""
-    from .search import sequential_schedule
-
+    (``cosched-sequential-1``), and the VM's executables (for more VM contenders without compiling
+    again)."""
     target = as_target(None)
     exes = {t.name: bench.compile_tenant(t, target, database) for t in tenants}
     bundle = compile_bundle(list(tenants), target, database=database, cores=threads)
     one_stream = bundle.with_schedule(sequential_schedule(bundle.schedule))
-    return bundle, [
+    contenders = [
         bench.relax_vm_sequential(tenants, inputs, target, threads, executables=exes, measure_memory=False),
         cosched_contender("cosched-sequential-1", one_stream, inputs),
     ]
+    return bundle, contenders, exes
 
 
 def make_inputs(tenants: Sequence[Tenant], seed: int = 0) -> dict[str, dict[str, np.ndarray]]:

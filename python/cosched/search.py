@@ -535,7 +535,7 @@ def search(
     # Round 0: all fixed strategies, so the model starts from real data and the report can compare.
     seq_ms = [run_batch(pool)]
     fixed = {c.origin: c.measured for c in pool if c is not stored}
-    log(f"measured {len(pool)} fixed schedules; best {min(fixed.values()):.3f}x sequential")
+    log(f"measured {len(fixed)} fixed schedules; best {min(fixed.values()):.3f}x sequential")
     for gen in range(generations):
         parents = sorted(measured, key=lambda c: c.measured)[: max(4, measure_top)]
         children = []
