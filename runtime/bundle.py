@@ -101,6 +101,7 @@ class _Session:
     inputs: dict[str, dict[str, Any]]
     outputs: dict[str, list[Any]]
     storage: list[Any]  # keeps the planned blocks alive as long as the views into them
+    parallel: str  # who ran its parallel loops (Bundle.parallel when it was made)
 
 
 class Bundle:
@@ -116,10 +117,12 @@ class Bundle:
         self.artifact = artifact
         if _same_kernels is not None:  # with_schedule: device, kernels and weights are already loaded
             self._device, self._module = _same_kernels._device, _same_kernels._module
+            self._routed = _same_kernels._routed
         else:
             # The device first: without one, say so before the loader fails on missing driver libraries.
             self._device = make_device(artifact.device, artifact.executor_lib)
             self._module = load_kernels(artifact.kernel_lib, artifact.device)
+            self._routed = self._device.adopt_kernels(artifact.kernel_lib)
         try:
             self._kernels = [self._module[k.func] for k in schedule.kernels]
         except Exception as err:
@@ -140,7 +143,24 @@ class Bundle:
         self._plan_streams = [[position[k.id] for k in schedule.stream_kernels(s.id)] for s in schedule.streams]
         self._lock = threading.Lock()
         self._idle: list[_Session] = []
+        self._parallel = "cosched"
         self.search_report = None
+
+    @property
+    def parallel(self) -> str:
+        """Who runs the kernels' parallel loops on CPU: ``"cosched"`` or ``"tvm"``.
+
+        ``"cosched"`` (the default): the executor's helper threads, as many as the cores granted to the
+        kernel's stream. ``"tvm"``: each stream worker's own TVM thread pool, whose idle workers spin
+        on the cores other streams need; kept to compare against.
+        """
+        return self._parallel
+
+    @parallel.setter
+    def parallel(self, value: str) -> None:
+        if value not in ("cosched", "tvm"):
+            raise CoschedError(f"unknown parallel runner {value!r}", hint='use "cosched" or "tvm"')
+        self._parallel = value
 
     def _upload(self, params: dict[int, np.ndarray]) -> dict[int, Any]:
         uploaded = {}
@@ -221,8 +241,12 @@ class Bundle:
             self._plan_streams,
             [s.threads for s in self.schedule.streams],
             max(self.schedule.cores, 1),
+            # Loops a library keeps on TVM's pools need the pools sized to the grants.
+            self._parallel == "cosched" and self._routed,
         )
-        return _Session(run=run, tensors=tensors, inputs=inputs, outputs=outputs, storage=storage)
+        return _Session(
+            run=run, tensors=tensors, inputs=inputs, outputs=outputs, storage=storage, parallel=self._parallel
+        )
 
     def _check_inputs(self, inputs: dict) -> dict[str, dict[str, np.ndarray]]:
         if not isinstance(inputs, dict):
@@ -271,6 +295,8 @@ class Bundle:
     def _execute(self, inputs: dict, timings: np.ndarray | None) -> dict[str, list[np.ndarray]]:
         checked = self._check_inputs(inputs)
         with self._lock:
+            while self._idle and self._idle[-1].parallel != self._parallel:
+                self._idle.pop()
             session = self._idle.pop() if self._idle else None
         if session is None:
             session = self._new_session()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import tvm_ffi
 from cosched.errors import CoschedError
 
 from .memory import ALIGN
-from .native import FACTORIES, load_executor_module
+from .native import FACTORIES, executor_library, load_executor_module, route_parallel_loops
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
@@ -31,11 +32,16 @@ class CpuDevice:
     name = "cpu"
 
     def __init__(self, executor_lib: str | None = None):
-        self.module = load_executor_module("cpu", executor_lib)
+        self.library = executor_library("cpu", executor_lib)
+        self.module = tvm_ffi.load_module(str(self.library))
         self._create = self.module[FACTORIES["cpu"]]
 
-    def create_executor(self, kernels, args, waits, stream_calls, threads, cores) -> Any:
-        return self._create(kernels, args, waits, stream_calls, threads, cores)
+    def adopt_kernels(self, kernel_lib: str | Path) -> bool:
+        """Run the kernels' parallel loops on the executor's threads rather than TVM's pools, if it can."""
+        return route_parallel_loops(kernel_lib, self.library)
+
+    def create_executor(self, kernels, args, waits, stream_calls, threads, cores, own_threads: bool = True) -> Any:
+        return self._create(kernels, args, waits, stream_calls, threads, cores, own_threads)
 
     def block(self, nbytes: int) -> Any:
         return aligned_empty(nbytes)
@@ -73,7 +79,11 @@ class CudaDevice:
         self._view = self.module["cuda_view"]
         self._copy = self.module["cuda_copy"]
 
-    def create_executor(self, kernels, args, waits, stream_calls, threads, cores) -> Any:
+    def adopt_kernels(self, kernel_lib: str | Path) -> bool:
+        """Nothing to route: GPU kernels have no host-side parallel loops."""
+        return False
+
+    def create_executor(self, kernels, args, waits, stream_calls, threads, cores, own_threads: bool = True) -> Any:
         return self._create(kernels, args, waits, stream_calls, threads, self.device_id)
 
     def block(self, nbytes: int) -> Any:

@@ -63,6 +63,30 @@ def load_kernels(path: str | Path, device: str = "cpu") -> tvm_ffi.Module:
         raise CoschedError(f"cannot load kernel library {path}: {err}", hint="re-export the bundle") from None
 
 
+def route_parallel_loops(kernel_lib: str | Path, executor_lib: str | Path) -> bool:
+    """Point a loaded kernel library's parallel loops at the executor's helper threads.
+
+    Compiled CPU kernels call TVM's parallel launch through a function pointer in their own library
+    (``__TVMBackendParallelLaunch``, filled in at load); the executor's launcher runs the loop on the
+    calling stream's core grant and hands any other caller on to TVM. False when nothing was routed:
+    the library has no parallel loops, or kernels with barriers between parallel tasks (which assume
+    one thread per task, as TVM's pool gives them).
+    """
+    kernels = ctypes.CDLL(str(kernel_lib), mode=os.RTLD_NOLOAD)
+    try:
+        ctypes.c_void_p.in_dll(kernels, "__TVMBackendParallelBarrier")
+        return False
+    except ValueError:
+        pass
+    try:
+        slot = ctypes.c_void_p.in_dll(kernels, "__TVMBackendParallelLaunch")
+    except ValueError:
+        return False
+    executor = ctypes.CDLL(str(executor_lib), mode=os.RTLD_NOLOAD)
+    slot.value = ctypes.cast(executor.cosched_parallel_launch, ctypes.c_void_p).value
+    return True
+
+
 def cuda_home() -> Path | None:
     """The CUDA toolkit: $CUDA_HOME, else the one nvcc belongs to."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
@@ -89,7 +113,7 @@ def build_executor(device: str = "cpu", build_directory: str | Path | None = Non
     from tvm_ffi.cpp import build
 
     source, _ = EXECUTORS[device]
-    cflags, ldflags, includes = ["-O2", "-std=c++17"], [], [str(SOURCES)]
+    cflags, ldflags, includes = ["-O2", "-std=c++17"], ["-ldl"], [str(SOURCES)]
     if device == "cuda":
         home = cuda_home()
         if home is None or not (home / "include" / "cuda_runtime.h").exists():
@@ -112,7 +136,11 @@ def build_executor(device: str = "cpu", build_directory: str | Path | None = Non
     )
 
 
-def load_executor_module(device: str = "cpu", path: str | Path | None = None) -> tvm_ffi.Module:
+def executor_library(device: str = "cpu", path: str | Path | None = None) -> Path:
     """The executor library for ``device``: a prebuilt one (from a bundle), else a fresh (cached) build."""
-    lib = Path(path) if path is not None and Path(path).exists() else build_executor(device)
-    return tvm_ffi.load_module(str(lib))
+    return Path(path) if path is not None and Path(path).exists() else build_executor(device)
+
+
+def load_executor_module(device: str = "cpu", path: str | Path | None = None) -> tvm_ffi.Module:
+    """The executor library for ``device``, loaded."""
+    return tvm_ffi.load_module(str(executor_library(device, path)))

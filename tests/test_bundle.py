@@ -246,3 +246,14 @@ def test_trace_span_starts_at_the_first_kernel():
     trace = Trace(events=events, num_streams=2, tenants=["a", "b"])
     assert trace.makespan_us == 20.0 and trace.span_us == 15.0
     assert Trace(events=[], num_streams=1, tenants=[]).span_us == 0.0
+
+
+def test_either_parallel_runner_computes_the_same(tiny_bundle, tiny_inputs, tiny_expected):
+    other = tiny_bundle.with_schedule(tiny_bundle.schedule)
+    assert other.parallel == "cosched"
+    other.parallel = "tvm"
+    for tenant, outs in other.run(tiny_inputs).items():
+        for got, want in zip(outs, tiny_expected[tenant], strict=True):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(CoschedError, match="unknown parallel runner"):
+        other.parallel = "openmp"
