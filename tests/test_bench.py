@@ -250,16 +250,17 @@ def test_table_and_json_show_the_interval():
     assert doc["results"][1]["speedup_interval"] == pytest.approx([gain.low, gain.high])
 
 
-def test_time_models_pairs_tvm_and_ort_per_model(tiny_models):
+def test_time_models_pairs_tvm_cosched_and_ort_per_model(tiny_models):
     from cosched.compare import format_models, time_models
 
     timings = time_models(tiny_models, threads=1, repeat=3, warmup=1)
     assert [m.name for m in timings] == list(tiny_models)
     for m in timings:
-        assert m.tvm.name == f"tvm:{m.name}" and m.ort.name == f"ort:{m.name}"
-        assert len(m.tvm.samples_ms) == len(m.ort.samples_ms) == 3  # same rounds: the ratio is paired
+        assert (m.tvm.name, m.ort.name, m.cosched.name) == (f"tvm:{m.name}", f"ort:{m.name}", f"cosched:{m.name}")
+        assert len(m.tvm.samples_ms) == len(m.ort.samples_ms) == len(m.cosched.samples_ms) == 3  # paired rounds
         assert m.ratio.value == pytest.approx(m.tvm.median_ms / m.ort.median_ms)
-        assert m.ratio.low <= m.ratio.high
+        assert m.cosched_ratio.value == pytest.approx(m.cosched.median_ms / m.ort.median_ms)
+        assert m.ratio.low <= m.ratio.high and m.cosched_ratio.low <= m.cosched_ratio.high
     table = format_models(timings)
     assert all(line.startswith(m.name + " ") for m, line in zip(timings, table.splitlines()[2:], strict=False))
     assert "bootstrap interval" in table

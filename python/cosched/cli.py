@@ -40,8 +40,11 @@ def _bench(args: argparse.Namespace) -> int:
                 "model": m.name,
                 "tvm": asdict(m.tvm),
                 "ort": asdict(m.ort),
+                "cosched": asdict(m.cosched),
                 "tvm_over_ort": m.ratio.value,
                 "tvm_over_ort_interval": m.ratio.interval,
+                "cosched_over_ort": m.cosched_ratio.value,
+                "cosched_over_ort_interval": m.cosched_ratio.interval,
             }
             for m in result.per_model
         ]

@@ -120,16 +120,23 @@ def make_inputs(tenants: Sequence[Tenant], seed: int = 0) -> dict[str, dict[str,
 
 @dataclass
 class ModelTiming:
-    """One model alone: tuned TVM (Relax VM) against ONNX Runtime at the same thread count."""
+    """One model alone: tuned TVM (Relax VM) and cosched (a bundle of that model) against ONNX
+    Runtime at the same thread count, on the same kernels."""
 
     name: str
     tvm: bench.Result
     ort: bench.Result
+    cosched: bench.Result
 
     @cached_property
     def ratio(self) -> bench.Speedup:
         """TVM time over ONNX Runtime time (<= 1: TVM is as fast or faster), with its interval."""
         return bench.speedup(self.tvm, self.ort)
+
+    @cached_property
+    def cosched_ratio(self) -> bench.Speedup:
+        """cosched time over ONNX Runtime time (<= 1: cosched is as fast or faster), with its interval."""
+        return bench.speedup(self.cosched, self.ort)
 
 
 @dataclass
@@ -196,37 +203,48 @@ class Comparison:
 
 
 def format_models(timings: Sequence[ModelTiming]) -> str:
-    """A table of models timed alone: TVM vs ONNX Runtime medians and their ratio, with its interval."""
+    """A table of models timed alone: TVM (Relax VM), cosched and ONNX Runtime medians, and the
+    ratios to ONNX Runtime with their intervals."""
     if not timings:
         return ""
     width = max(len("model"), *(len(m.name) for m in timings))
-    head = f"{'model':<{width}}  {'TVM ms':>9}  {'ORT ms':>9}  {'TVM/ORT (<=1: TVM as fast)':>26}"
+    head = f"{'model':<{width}}  {'TVM ms':>9}  {'cosched ms':>10}  {'ORT ms':>9}  {'TVM/ORT':>22}  {'cosched/ORT':>22}"
     rows = [head, "-" * len(head)]
     for m in timings:
-        rows.append(f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.ort.median_ms:>9.2f}  {m.ratio:>26}")
-    rows.append(f"each model alone, {timings[0].tvm.repeat} runs each, alternated in shuffled rounds")
+        rows.append(
+            f"{m.name:<{width}}  {m.tvm.median_ms:>9.2f}  {m.cosched.median_ms:>10.2f}  {m.ort.median_ms:>9.2f}"
+            f"  {m.ratio:>22}  {m.cosched_ratio:>22}"
+        )
+    rows.append(
+        f"each model alone, {timings[0].tvm.repeat} runs each, alternated in shuffled rounds; TVM and cosched"
+        " run the same tuned kernels (cosched: a one-model bundle); <= 1: as fast as ONNX Runtime or faster"
+    )
     if timings[0].ratio.interval is not None:
-        rows.append("TVM/ORT: ratio of medians [95% bootstrap interval, resampling the rounds]")
+        rows.append("ratios of medians [95% bootstrap intervals, resampling the rounds]")
     return "\n".join(rows)
 
 
-def _model_contenders(tenants, models, inputs, target, threads: int, exes) -> list[bench.Contender]:
-    """Per tenant alone: tuned TVM (Relax VM), then ONNX Runtime, at the same thread count."""
+def _model_contenders(
+    tenants, models, inputs, target, threads: int, exes, database: str | Path | None
+) -> list[bench.Contender]:
+    """Per tenant alone: tuned TVM (Relax VM), ONNX Runtime and cosched, at the same thread count."""
     alone = []
     for t in tenants:
         own = {t.name: inputs[t.name]}
+        bundle = compile_bundle([t], target, database=database, cores=threads)
         alone += [
             bench.relax_vm_sequential(
                 [t], own, target, threads, executables=exes, measure_memory=False, name=f"tvm:{t.name}"
             ),
             bench.ort_sequential({t.name: models[t.name]}, own, threads, measure_memory=False, name=f"ort:{t.name}"),
+            cosched_contender(f"cosched:{t.name}", bundle.with_schedule(sequential_schedule(bundle.schedule)), own),
         ]
     return alone
 
 
 def _model_timings(tenants, alone: list[bench.Contender], repeat: int, warmup: int) -> list[ModelTiming]:
     flat = bench.measure(alone, repeat=repeat, warmup=warmup)
-    return [ModelTiming(t.name, flat[2 * i], flat[2 * i + 1]) for i, t in enumerate(tenants)]
+    return [ModelTiming(t.name, *flat[3 * i : 3 * i + 3]) for i, t in enumerate(tenants)]
 
 
 def time_models(
@@ -236,13 +254,14 @@ def time_models(
     repeat: int = 10,
     warmup: int = 2,
 ) -> list[ModelTiming]:
-    """Each model alone, tuned TVM against ONNX Runtime at the same thread count, all in alternating rounds."""
+    """Each model alone, tuned TVM and cosched against ONNX Runtime at the same thread count, all in
+    alternating rounds."""
     threads = threads or os.cpu_count() or 1
     target = as_target(None)
     tenants = [load_onnx(m, name=n) for n, m in models.items()]
     inputs = make_inputs(tenants)
     exes = {t.name: bench.compile_tenant(t, target, database) for t in tenants}
-    alone = _model_contenders(tenants, models, inputs, target, threads, exes)
+    alone = _model_contenders(tenants, models, inputs, target, threads, exes, database)
     with bench.closing(alone):
         return _model_timings(tenants, alone, repeat, warmup)
 
@@ -309,7 +328,9 @@ def compare(
             bench.ort_sequential(models, inputs, threads, spinning=False, name="ort-seq-nospin"),
             bench.ort_concurrent(models, inputs, threads, spinning=False, name="ort-concurrent-nospin"),
         ]
-    alone = _model_contenders(tenants, models, inputs, target, threads, exes) if per_model and with_ort else []
+    alone = (
+        _model_contenders(tenants, models, inputs, target, threads, exes, database) if per_model and with_ort else []
+    )
     with bench.closing(contenders + alone):
         reference = contenders[0].run_once()
         for c in contenders[1:]:
