@@ -49,23 +49,19 @@ namespace cosched {
 // cores the other streams' kernels need (benchmarks/results/spin-streams-demo.txt: ~17,000
 // involuntary context switches per breadth-first run of the demo mix). Here one set of C - 1
 // helpers serves every stream: a kernel granted k cores runs on its stream's worker and the k - 1
-// helpers bound to its grant; a helper spins only while its core is its own (its grant, or a core
-// nobody was granted) and then sleeps. A loop is cut into at least C tasks, taken by whichever
+// helpers bound to its grant; a helper spins (yielding) only while its core is its own (its grant,
+// or a core nobody was granted) and then sleeps. A loop is cut into at least C tasks, taken by whichever
 // thread is free, so a kernel granted one core gets help from a helper whose core went idle (its
 // stream waiting on another's kernel) instead of leaving that core unused. Kernels with barriers
 // between their parallel tasks keep TVM's pools (native.route_parallel_loops): here tasks may share
 // a thread.
 
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-// How long a helper spins for the next loop before it sleeps; gaps between kernels are microseconds.
-constexpr auto kHelperSpin = std::chrono::microseconds(500);
+// How long a helper waits for the next loop (yielding) before it sleeps, counted in yields rather
+// than time: on a shared VM a helper's vCPU is descheduled for milliseconds at a time, and a
+// deadline in time sent it to sleep as soon as it ran again, so that every later loop paid a wake-up
+// (~0.4 ms) or ran on fewer threads (SqueezeNet alone after an idle pause: 1.5x slower with 0.5 ms).
+// About TVM's pool default (300000 yields, ~100 ms).
+constexpr uint32_t kHelperSpinYields = 200000;
 
 // One parallel loop. Tasks go to whichever thread is free first (the calling stream worker, the
 // helpers it posted the loop to, idle helpers joining in), so a helper that is asleep or off its core
@@ -197,10 +193,9 @@ class Helper {
   ParallelJob* WaitForJob(bool* joined) {
     *joined = false;
     while (true) {
-      auto deadline = std::chrono::steady_clock::now() + kHelperSpin;
       for (uint32_t i = 1;; ++i) {
         if (ParallelJob* job = Take()) return job;
-        if ((i & 63) == 0) {
+        if ((i & 7) == 0) {
           if (stop_.load()) return nullptr;
           bool idle = Idle();
           bool cores_idle = pool_->CoresIdle();
@@ -210,9 +205,11 @@ class Helper {
               return job;
             }
           }
-          if ((idle && !cores_idle) || std::chrono::steady_clock::now() > deadline) break;
+          if ((idle && !cores_idle) || i > kHelperSpinYields) break;
         }
-        CpuRelax();
+        // Yield rather than pause: the pause loop of a spinning vCPU can make the hypervisor
+        // deschedule it, and a yield lends the core to a thread waiting for it.
+        std::this_thread::yield();
       }
       std::unique_lock<std::mutex> lock(mu_);
       sleeping_.store(true, std::memory_order_seq_cst);
@@ -313,14 +310,8 @@ int LaunchOnHelpers(const StreamThreads& st, FTVMParallelLambda f, void* cdata, 
   tls_in_task = false;
   int taken = open ? st.pool->Close(st.stream) : 0;
   for (int i = 0; i < posted; ++i) taken += st.bound[i]->Retract(&job) ? 0 : 1;
-  for (uint32_t spins = 0; job.finished.load(std::memory_order_acquire) != taken; ++spins) {
-    // A helper still in a task may be waiting for this very core: yield soon.
-    if (spins < 512) {
-      CpuRelax();
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  // A helper still in a task may be waiting for this very core: yield it.
+  while (job.finished.load(std::memory_order_acquire) != taken) std::this_thread::yield();
   if (job.failed.load()) {
     if (rc == 0) {
       if (job.error.has_value()) {
