@@ -10,6 +10,7 @@ CPU time and involuntary context switches per run (spinning workers yielding to 
 """
 
 import argparse
+import dataclasses
 import os
 import resource
 import sys
@@ -38,14 +39,7 @@ def counted(contender: bench.Contender, usage: dict) -> bench.Contender:
         u[1] += (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
         u[2] += r1.ru_nivcsw - r0.ru_nivcsw
 
-    return bench.Contender(
-        name=contender.name,
-        run=run,
-        memory_bytes=contender.memory_bytes,
-        memory_source=contender.memory_source,
-        outputs=contender.outputs,
-        close=contender.close,
-    )
+    return dataclasses.replace(contender, run=run)
 
 
 def main() -> int:

@@ -33,7 +33,7 @@ class CpuDevice:
 
     def __init__(self, executor_lib: str | None = None):
         self.library = executor_library("cpu", executor_lib)
-        self.module = tvm_ffi.load_module(str(self.library))
+        self.module = load_executor_module("cpu", self.library)
         self._create = self.module[FACTORIES["cpu"]]
 
     def adopt_kernels(self, kernel_lib: str | Path) -> bool:

@@ -63,6 +63,8 @@ namespace cosched {
 // About TVM's pool default (300000 yields, ~100 ms).
 constexpr uint32_t kHelperSpinYields = 200000;
 
+class HelperPool;
+
 // One parallel loop. Tasks go to whichever thread is free first (the calling stream worker, the
 // helpers it posted the loop to, idle helpers joining in), so a helper that is asleep or off its core
 // when the loop starts delays nothing: the caller runs its tasks and takes the post back.
@@ -93,26 +95,11 @@ struct ParallelJob {
 
   // On a helper: runs tasks (while a core is idle, if it `joined`), keeps the first error, and lets
   // the caller go.
-  void Help(const class HelperPool* pool, bool joined);
+  void Help(const HelperPool* pool, bool joined);
 };
 
 // Whether this thread is running tasks of a parallel loop (a loop launched inside one runs inline).
 thread_local bool tls_in_task = false;
-
-class HelperPool;
-bool CoresIdle(const HelperPool* pool);
-
-void ParallelJob::Help(const HelperPool* pool, bool joined) {
-  tls_in_task = true;
-  // A helper that joined leaves once the idle core it used is granted: it would take it from a kernel.
-  if (RunTasks([&] { return !joined || CoresIdle(pool); }) != 0) {
-    ffi::Error err = ffi::details::MoveFromSafeCallRaised();
-    std::lock_guard<std::mutex> lock(error_mu);
-    if (!failed.exchange(true)) error = std::move(err);
-  }
-  tls_in_task = false;
-  finished.fetch_add(1, std::memory_order_release);
-}
 
 class Helper;
 
@@ -237,7 +224,17 @@ HelperPool::HelperPool(int64_t cores, size_t streams) : cores_(cores), idle_core
 
 HelperPool::~HelperPool() = default;
 
-bool CoresIdle(const HelperPool* pool) { return pool->CoresIdle(); }
+void ParallelJob::Help(const HelperPool* pool, bool joined) {
+  tls_in_task = true;
+  // A helper that joined leaves once the idle core it used is granted: it would take it from a kernel.
+  if (RunTasks([&] { return !joined || pool->CoresIdle(); }) != 0) {
+    ffi::Error err = ffi::details::MoveFromSafeCallRaised();
+    std::lock_guard<std::mutex> lock(error_mu);
+    if (!failed.exchange(true)) error = std::move(err);
+  }
+  tls_in_task = false;
+  finished.fetch_add(1, std::memory_order_release);
+}
 
 void HelperPool::Open(size_t stream, ParallelJob* job) {
   {
