@@ -162,6 +162,12 @@ class Bundle:
             raise CoschedError(f"unknown parallel runner {value!r}", hint='use "cosched" or "tvm"')
         self._parallel = value
 
+    @property
+    def loops_on_helpers(self) -> bool:
+        """Whether the kernels' parallel loops run on the executor's helpers, so that cores no stream
+        holds join loops granted fewer cores (CPU, ``parallel == "cosched"``, a library it could route)."""
+        return self._parallel == "cosched" and self._routed
+
     def _upload(self, params: dict[int, np.ndarray]) -> dict[int, Any]:
         uploaded = {}
         for bid, value in params.items():
@@ -242,7 +248,7 @@ class Bundle:
             [s.threads for s in self.schedule.streams],
             max(self.schedule.cores, 1),
             # Loops a library keeps on TVM's pools need the pools sized to the grants.
-            self._parallel == "cosched" and self._routed,
+            self.loops_on_helpers,
         )
         return _Session(
             run=run, tensors=tensors, inputs=inputs, outputs=outputs, storage=storage, parallel=self._parallel

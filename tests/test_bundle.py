@@ -251,6 +251,7 @@ def test_trace_span_starts_at_the_first_kernel():
 def test_either_parallel_runner_computes_the_same(tiny_bundle, tiny_inputs, tiny_expected):
     other = tiny_bundle.with_schedule(tiny_bundle.schedule)
     assert other.parallel == "cosched"
+    assert not other.loops_on_helpers  # untuned kernels have no parallel loops to route
     other.parallel = "tvm"
     for tenant, outs in other.run(tiny_inputs).items():
         for got, want in zip(outs, tiny_expected[tenant], strict=True):

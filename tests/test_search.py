@@ -186,7 +186,7 @@ def _two_stream_schedule(threads: list[int], waits: dict[int, list[int]] | None 
     return Schedule(kernels, buffers, [TenantIO("t", {}, [3])], streams, cores=2)
 
 
-def test_simulator_grants_cores_as_the_runtime_does():
+def test_simulator_grants_cores_and_lends_idle_ones_as_the_runtime_does():
     # Each kernel: 10 us on one core, 6 us on both; co-running slows kernel 1 to 12 us.
     profile = KernelProfile(
         one=dict.fromkeys(range(3), 10.0),
@@ -195,18 +195,28 @@ def test_simulator_grants_cores_as_the_runtime_does():
         shared={0: 10.0, 1: 12.0, 2: 10.0},
     )
     # Both streams ready at once, caps of 2: the first leaves a core to the second, so kernels 0 and 1
-    # run side by side on one core each (kernel 1 at its co-running speed); kernel 2, alone, gets both.
-    assert simulate(_two_stream_schedule([2, 2]), profile)["makespan"] == pytest.approx(12 + 6)
-    # A cap of one core holds even when the other core is idle.
-    assert simulate(_two_stream_schedule([1, 1]), profile)["makespan"] == pytest.approx(12 + 10)
-    # A wait on the other stream delays kernel 2 until kernel 0 ends.
+    # run side by side on one core each (kernel 1 at its co-running speed, 10/12 done when kernel 0
+    # ends); the idle core then joins kernel 1 (its last 1/6 at 6 us on both: 1 us); kernel 2 gets both.
+    sim = simulate(_two_stream_schedule([2, 2]), profile)
+    assert sim["makespan"] == pytest.approx(10 + 1 + 6) and sim["joined"] == pytest.approx(1)
+    # With TVM's pools nothing joins: kernel 1 ends its last 1/6 alone on one core (10/6 us).
+    assert simulate(_two_stream_schedule([2, 2]), profile, joining=False)["makespan"] == pytest.approx(10 + 10 / 6 + 6)
+    # A cap of one core limits the grant, not the idle core joining; without joining the cap holds.
+    assert simulate(_two_stream_schedule([1, 1]), profile)["makespan"] == pytest.approx(10 + 1 + 6)
+    capped = simulate(_two_stream_schedule([1, 1]), profile, joining=False)
+    assert capped["makespan"] == pytest.approx(10 + 10 / 6 + 10) and capped["joined"] == 0.0
+    # A wait on the other stream delays kernel 2 until kernel 0 ends; the core kernel 1 leaves joins
+    # kernel 0 (2/3 of 30 us on one core left: 4 us on both).
     slow = KernelProfile(**{**profile.__dict__, "one": {0: 30.0, 1: 10.0, 2: 10.0}, "shared": {}})
-    assert simulate(_two_stream_schedule([2, 2], {2: [0]}), slow)["makespan"] == pytest.approx(30 + 6)
-    # Kernel 0 runs alone on both cores; kernels 1 and 2 then run beside its stream's idle, spinning
-    # pool worker (not before: with one core each, kernels 0 and 1 wake no pool worker).
-    sim = simulate(_two_stream_schedule([2, 2], {1: [0]}), profile)
+    sim = simulate(_two_stream_schedule([2, 2], {2: [0]}), slow)
+    assert sim["makespan"] == pytest.approx(10 + 4 + 6) and sim["joined"] == pytest.approx(4)
+    assert simulate(_two_stream_schedule([2, 2], {2: [0]}), slow, joining=False)["makespan"] == pytest.approx(30 + 6)
+    # TVM's pools: kernel 0 runs alone on both cores; kernels 1 and 2 then run beside its stream's
+    # idle, spinning pool worker (not before: with one core each, kernels 0 and 1 wake no pool worker).
+    sim = simulate(_two_stream_schedule([2, 2], {1: [0]}), profile, joining=False)
     assert sim["makespan"] == pytest.approx(6 + 6 + 6) and sim["spin_exposed"] == pytest.approx(6 + 6)
-    assert simulate(_two_stream_schedule([2, 2]), profile)["spin_exposed"] == 0.0
+    assert simulate(_two_stream_schedule([2, 2]), profile, joining=False)["spin_exposed"] == 0.0
+    assert simulate(_two_stream_schedule([2, 2], {1: [0]}), profile)["spin_exposed"] == 0.0
     # One stream gets the whole budget.
     one_stream = _two_stream_schedule([2, 2])
     for k in one_stream.kernels:

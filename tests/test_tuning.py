@@ -250,8 +250,14 @@ def test_prepacked_weights_tuned_and_exact(tmp_path):
     assert len(kernels) <= 4, kernels
     x = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype("float32")
     untuned = cosched.compile([tenant], target=TARGET).run({"b": {"x": x}})["b"][0]
-    tuned = cosched.compile([tenant], target=TARGET, database=tmp_path).run({"b": {"x": x}})["b"][0]
+    bundle = cosched.compile([tenant], target=TARGET, database=tmp_path)
+    tuned = bundle.run({"b": {"x": x}})["b"][0]
     np.testing.assert_allclose(tuned, untuned, rtol=1e-4, atol=1e-4)
+    # Tuned kernels have parallel loops, which run on the executor's helpers unless told otherwise.
+    assert bundle.loops_on_helpers
+    bundle.parallel = "tvm"
+    assert not bundle.loops_on_helpers
+    np.testing.assert_array_equal(bundle.run({"b": {"x": x}})["b"][0], tuned)
 
 
 def test_database_without_matching_records_warns(tuned, caplog):

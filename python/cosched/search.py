@@ -26,10 +26,11 @@ import numpy as np
 from .errors import CoschedError
 from .schedule import Schedule, Stream, assign_waits
 
-NUM_FEATURES = 22
-FEATURE_VERSION = 2
-"""2: the simulator grants cores as the runtime does (1 scaled every kernel by the streams' oversubscription)
-and counts other streams' spinning pool workers."""
+NUM_FEATURES = 23
+FEATURE_VERSION = 3
+"""3: idle cores join running kernels' loops (cosched's parallel launcher), co-running slowdown only
+while kernels overlap; 2: the simulator grants cores as the runtime does and counts other streams'
+spinning pool workers; 1 scaled every kernel by the streams' oversubscription."""
 MAX_STREAMS = 4
 SEARCHED_SCHEDULE = "searched_schedule.json"
 """The file in a search's ``work_dir`` that holds the winning schedule."""
@@ -209,15 +210,18 @@ def mutate(schedule: Schedule, rng: random.Random) -> tuple[list[int], dict[int,
 
 
 # -- features -----------------------------------------------------------------------------------------
-def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
+def simulate(schedule: Schedule, profile: KernelProfile, joining: bool = True) -> dict[str, float]:
     """Replay a schedule on profiled latencies the way the CPU runtime grants cores: makespan,
     per-stream busy time, overlap.
 
     Each stream's next kernel starts once its waits are done and a core is free; it takes the free
     cores up to its stream's cap, leaving one to every other stream that is ready and holds none, and
-    keeps them until it ends (``runtime/src/executor.cc``, ``Acquire``). A kernel granted part of the
-    budget runs at its co-running speed (``KernelProfile.slowdown``). ``spin_exposed``: kernel time
-    times the other streams' pool workers that spin beside it (their speed cost is the model's to learn).
+    keeps them until it ends (``runtime/src/executor.cc``, ``Acquire``). While another kernel runs
+    beside it, a kernel granted part of the budget runs at its co-running speed
+    (``KernelProfile.slowdown``). ``joining`` (``Bundle.loops_on_helpers``): cores nobody holds help
+    the running kernels granted fewer cores, shared evenly, until a stream is granted them
+    (``joined``: core time so lent). Otherwise, ``spin_exposed``: kernel time times the other
+    streams' TVM pool workers that spin beside it (their speed cost is the model's to learn).
     """
     cores = max(schedule.cores, 1)
     threads = {s.id: s.threads for s in schedule.streams}
@@ -226,14 +230,14 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
         queues[k.stream].append(k)
     nxt = dict.fromkeys(threads, 0)
     holding = dict.fromkeys(threads, 0)
-    running: dict[int, tuple[float, object]] = {}  # stream -> (end time, kernel)
+    running: dict[int, list] = {}  # stream -> [kernel, fraction of its work left, start time]
     finish: dict[int, float] = {}
     spans = []
     now, free = 0.0, cores
     # Pool workers a stream's kernels have woken: TVM's pools are per thread and yield-spin ~100 ms
     # (longer than most runs) after a parallel kernel, on cores the runtime counts as free.
     pool = dict.fromkeys(threads, 0)
-    spin_exposed = 0.0
+    spin_exposed = joined = 0.0
 
     def ready(s: int) -> bool:
         if holding[s] or nxt[s] >= len(queues[s]):
@@ -247,22 +251,36 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
             others = sum(1 for o in threads if o != s and ready(o))
             granted = max(1, min(threads[s], free - others))
             k = queues[s][nxt[s]]
-            dur = profile.latency(k.id, granted, cores)
-            if granted < cores and len(threads) > 1:
-                dur *= profile.slowdown(k.id)
             free -= granted
             holding[s] = granted
-            running[s] = (now + dur, k)
-            spinning = sum(pool[o] for o in threads if o != s and holding[o] <= 1)
-            spin_exposed += dur * spinning
-            pool[s] = max(pool[s], granted - 1)
-            spans.append((now, now + dur, profile.nbytes[k.id] / max(dur, 1e-3)))
+            running[s] = [k, 1.0, now]
+            if not joining:
+                spinning = sum(pool[o] for o in threads if o != s and holding[o] <= 1)
+                spin_exposed += profile.latency(k.id, granted, cores) * spinning
+                pool[s] = max(pool[s], granted - 1)
         if not running:
             raise CoschedError("schedule cannot be simulated: a kernel waits on one that never runs")
-        now = min(end for end, _ in running.values())
-        for s in [s for s, (end, _) in running.items() if end <= now]:
-            _, k = running.pop(s)
+        open_loops = [s for s in running if holding[s] < cores] if joining else []
+        lent = free / len(open_loops) if open_loops else 0.0
+        rates = {}
+        for s, state in running.items():
+            k = state[0]
+            extra = lent if s in open_loops else 0.0
+            dur = profile.latency(k.id, holding[s] + extra, cores)
+            if holding[s] < cores and len(running) > 1:
+                dur *= profile.slowdown(k.id)
+            rates[s] = 1.0 / max(dur, 1e-9)
+        step = min(state[1] / rates[s] for s, state in running.items())
+        now += step
+        joined += step * lent * len(open_loops)
+        for s in list(running):
+            state = running[s]
+            state[1] -= step * rates[s]
+            if state[1] > 1e-9:
+                continue
+            k, _, began = running.pop(s)
             finish[k.id] = now
+            spans.append((began, now, profile.nbytes[k.id] / max(now - began, 1e-3)))
             free += holding[s]
             holding[s] = 0
             nxt[s] += 1
@@ -293,12 +311,13 @@ def simulate(schedule: Schedule, profile: KernelProfile) -> dict[str, float]:
         "overlap_bw": overlap_bw,
         "interference": interference,
         "spin_exposed": spin_exposed,
+        "joined": joined,
     }
 
 
-def features(schedule: Schedule, profile: KernelProfile) -> np.ndarray:
+def features(schedule: Schedule, profile: KernelProfile, joining: bool = True) -> np.ndarray:
     """A fixed-length feature vector for the cost model (times relative to the sequential work)."""
-    sim = simulate(schedule, profile)
+    sim = simulate(schedule, profile, joining)
     work_full = sum(profile.full.values()) or 1.0
     work_one = sum(profile.one.values()) or 1.0
     threads = sorted((s.threads for s in schedule.streams), reverse=True)
@@ -322,6 +341,7 @@ def features(schedule: Schedule, profile: KernelProfile) -> np.ndarray:
         len(schedule.kernels) / 100.0,
         sim["interference"],
         sim["spin_exposed"] / work_full,
+        sim["joined"] / work_full,
     ]
     return np.asarray(vec, dtype=np.float64)
 
@@ -508,6 +528,7 @@ def search(
     rng = random.Random(seed)
     log = log or (lambda _msg: None)
     profile = profile_kernels(bundle, inputs)
+    joining = bundle.loops_on_helpers
     model = CostModel(model_path)
     sequential = sequential_schedule(bundle.schedule)
     pool = seeds(bundle)
@@ -516,7 +537,7 @@ def search(
         stored = Candidate(incumbent, "stored")
         pool.append(stored)
     for c in pool:
-        c.features = features(c.schedule, profile)
+        c.features = features(c.schedule, profile, joining)
     measured: list[Candidate] = []
 
     def run_batch(batch: list[Candidate]) -> float:
@@ -546,7 +567,7 @@ def search(
                 rebuild(parent.schedule, issue, stream_of, threads, f"gen{gen}<-{parent.origin}"),
                 f"gen{gen}<-{parent.origin}",
             )
-            child.features = features(child.schedule, profile)
+            child.features = features(child.schedule, profile, joining)
             children.append(child)
         preds = model.predict(np.stack([c.features for c in children]))
         for c, p in zip(children, preds, strict=True):
