@@ -260,6 +260,30 @@ def test_prepacked_weights_tuned_and_exact(tmp_path):
     np.testing.assert_array_equal(bundle.run({"b": {"x": x}})["b"][0], tuned)
 
 
+def test_the_search_times_a_one_core_stream_on_one_core(tmp_path, monkeypatch):
+    """The search's kernel profile caps a stream at one core for real: no helper joins its loops."""
+    import cosched
+    from cosched import search
+    from cosched.runtime.bundle import Bundle
+
+    tenants = [load_onnx(conv_model(n, i, True), name=n) for i, n in enumerate("ab")]
+    mods = [LowerKernels(TARGET)(t.mod) for t in tenants]
+    tuning.tune_modules(mods, TARGET, tmp_path, trials_per_task=1, progress=False)
+    bundle = cosched.compile(tenants, target=TARGET, database=tmp_path, cores=2)
+    assert bundle.loops_on_helpers
+    profiled = []
+    real = Bundle.profile
+
+    def spy(self, inputs, warmup=1):
+        profiled.append((tuple(s.threads for s in self.schedule.streams), self.loops_on_helpers))
+        return real(self, inputs, warmup)
+
+    monkeypatch.setattr(Bundle, "profile", spy)
+    profile = search.profile_kernels(bundle, bundle.random_inputs(), repeat=1)
+    assert sorted(set(profiled)) == [((1,), False), ((1, 1), False), ((2,), True)]
+    assert profile.one.keys() == profile.full.keys() == profile.shared.keys()
+
+
 def test_database_without_matching_records_warns(tuned, caplog):
     """A database from other models applies to nothing: say so instead of running untuned silently."""
 
