@@ -225,6 +225,37 @@ def test_simulator_grants_cores_and_lends_idle_ones_as_the_runtime_does():
     assert simulate(one_stream, profile)["makespan"] == pytest.approx(18)
 
 
+@pytest.mark.parametrize("ratio, wins", [(0.7, True), (0.97, False)])
+def test_a_winner_is_faster_than_sequential_beyond_the_noise(searched, ratio, wins):
+    """With measurements faked (one-stream schedules 10 ms, the others ``ratio`` times that, each
+    spread +-15%), several streams win only when they are faster beyond the interval."""
+    from cosched import bench
+    from cosched import search as search_module
+
+    _, tenants, _ = searched
+    bundle = cosched.compile(tenants)
+
+    def fake(bundle, schedules, inputs, repeat, settle_s=0.0, copies=1, quiet=True):
+        spread = np.linspace(0.85, 1.15, repeat)
+        return [
+            bench.Result.from_samples(
+                str(j),
+                list(10.0 * (1.0 if s.num_streams == 1 else ratio) * np.random.default_rng(j).permutation(spread)),
+            )
+            for j, s in enumerate(schedules)
+        ]
+
+    options = {"generations": 1, "population": 8, "measure_top": 2, "explore": 1, "repeat": 8}
+    with mock.patch.object(search_module, "_measure_results", fake):
+        report = search_module.search(bundle, make_inputs(tenants), **options)
+    if wins:
+        assert report.best.schedule.num_streams > 1 and report.best.measured == pytest.approx(ratio)
+        assert report.best_interval[1] < 1.0
+    else:
+        assert report.best.origin == "sequential/1 stream" and report.best_interval is None
+        assert any(r < 1.0 for _, r in report.confirmed)  # a finalist was faster, within the noise
+
+
 def test_search_report_states_the_profile_bound(searched):
     report = searched[0].search_report
     assert report.speedup_bound is not None and report.speedup_bound >= 1.0
