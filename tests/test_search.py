@@ -256,6 +256,23 @@ def test_a_winner_is_faster_than_sequential_beyond_the_noise(searched, ratio, wi
         assert any(r < 1.0 for _, r in report.confirmed)  # a finalist was faster, within the noise
 
 
+def test_no_simulated_schedule_beats_the_profile_bound():
+    """The simulator and ``KernelProfile.speedup_bound`` agree: over random profiles, caps and waits,
+    no replayed schedule gains more over sequential than the bound, lending idle cores or not."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        full = {k: rng.uniform(1, 10) for k in range(3)}
+        one = {k: full[k] * rng.uniform(1.0, 2.0) for k in range(3)}
+        shared = {k: one[k] * rng.uniform(1.0, 1.5) for k in range(3)}
+        profile = KernelProfile(one=one, full=full, nbytes=dict.fromkeys(range(3), 16), shared=shared)
+        schedule = _two_stream_schedule(rng.choice([[2, 2], [1, 1], [1, 2]]), rng.choice([None, {2: [0]}, {1: [0]}]))
+        for joining in (True, False):
+            gain = sum(full.values()) / simulate(schedule, profile, joining)["makespan"]
+            assert gain <= profile.speedup_bound(2) * (1 + 1e-9)
+
+
 def test_search_report_states_the_profile_bound(searched):
     report = searched[0].search_report
     assert report.speedup_bound is not None and report.speedup_bound >= 1.0
