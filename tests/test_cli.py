@@ -84,6 +84,23 @@ def test_tune_then_search_writes_database_and_searched_schedule(model_files, tmp
     assert (work / "search" / "cost_model.json").exists()
 
 
+def test_tune_starts_from_another_cpus_database(model_files, tmp_path, capsys):
+    """``--start-from``: a database tuned for another CPU seeds an empty work dir, its records timed here."""
+    source = tmp_path / "other"
+    assert main(["tune", *model_files, "--work-dir", str(source), "--trials", "1"]) == 0
+    meta = json.loads((source / "cosched_target.json").read_text())
+    meta["target"]["mcpu"] = "cascadelake" if meta["target"]["mcpu"] != "cascadelake" else "znver4"
+    (source / "cosched_target.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    work = tmp_path / "here"
+    assert main(["tune", *model_files, "--work-dir", str(work), "--trials", "1", "--start-from", str(source)]) == 0
+    assert "first timed its" in capsys.readouterr().out
+    assert json.loads((work / "cosched_target.json").read_text())["started_from"]["target"] == meta["target"]
+    missing = tmp_path / "missing"
+    assert main(["tune", *model_files, "--work-dir", str(tmp_path / "x"), "--start-from", str(missing)]) == 2
+    assert "no tuning database at" in capsys.readouterr().err
+
+
 def test_tune_deep_pass_on_the_costliest(model_files, tmp_path, capsys, monkeypatch):
     """``--max-tasks`` reaches ``cosched.tune``: one workload tuned, the rest not reached."""
     from cosched import tuning

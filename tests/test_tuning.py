@@ -515,3 +515,48 @@ def test_remeasure_that_times_nothing_leaves_the_database(tuned, tmp_path, monke
     with pytest.raises(CoschedError, match="could be timed again"):
         tuning.remeasure_database(work_dir, TARGET)
     assert {f: (work_dir / f).read_bytes() for f in before} == before
+
+
+def test_a_database_starts_from_another_cpus_records(tuned, mods, tmp_path):
+    """Records tuned on another CPU are timed here again, kept as each workload's start, and tuned on."""
+    source = tmp_path / "other_cpu"
+    shutil.copytree(tuned[0], source)
+    other = "cascadelake" if TARGET.attrs["mcpu"] != "cascadelake" else "znver4"
+    meta = json.loads((source / tuning.META_FILE).read_text())
+    meta["target"] = {"kind": "llvm", "mcpu": other}
+    (source / tuning.META_FILE).write_text(json.dumps(meta))
+    _as_measured_elsewhere(source, 1.0)
+    before = {f: (source / f).read_bytes() for f in (tuning.RECORD_FILE, tuning.META_FILE)}
+    with pytest.raises(CoschedError, match="tuned for"):
+        tuning.check_database(source, TARGET)  # as it is, it is refused for this CPU
+
+    work_dir = tmp_path / "here"
+    report = tuning.tune_modules(
+        mods, TARGET, work_dir, trials_per_task=2, names=NAMES, progress=False, start_from=source
+    )
+    assert report.records_remeasured == 2  # timed here, not trusted from the other CPU
+    assert report.trials_run == 2  # trial counts are not carried over: each workload is tuned on
+    assert all(us < 1e5 for us in report.best_us.values())  # the other CPU's 1 s timings are gone
+    assert sorted(records_by_workload(work_dir).values()) == [2, 2]
+    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    assert meta["started_from"] == {"path": str(source), "target": {"kind": "llvm", "mcpu": other}}
+    assert meta["threads"] == tuning._num_cores(TARGET)
+    tuning.check_database(work_dir, TARGET)
+    assert {f: (source / f).read_bytes() for f in before} == before
+
+    # A rerun resumes its own records rather than starting over.
+    again = tuning.tune_modules(
+        mods, TARGET, work_dir, trials_per_task=2, names=NAMES, progress=False, start_from=source
+    )
+    assert (again.records_remeasured, again.trials_run) == (0, 0)
+    assert sorted(records_by_workload(work_dir).values()) == [2, 2]
+
+    cuda = {**json.loads(before[tuning.META_FILE]), "target": {"kind": "cuda", "arch": "sm_90"}}
+    (source / tuning.META_FILE).write_text(json.dumps(cuda))
+    with pytest.raises(CoschedError, match="same kind of device"):
+        tuning.tune_modules(mods, TARGET, tmp_path / "fresh", trials_per_task=1, progress=False, start_from=source)
+    with pytest.raises(CoschedError, match="no tuning database"):
+        tuning.tune_modules(
+            mods, TARGET, tmp_path / "fresh", trials_per_task=1, progress=False, start_from=tmp_path / "missing"
+        )
+    assert not (tmp_path / "fresh" / tuning.RECORD_FILE).exists()

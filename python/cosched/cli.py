@@ -118,6 +118,7 @@ def _tune(args: argparse.Namespace) -> int:
         prune=args.prune,
         cache_flush=args.cache_flush,
         max_tasks=args.max_tasks,
+        start_from=args.start_from,
     )
     print(
         f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
@@ -129,8 +130,8 @@ def _tune(args: argparse.Namespace) -> int:
     )
     if report.records_remeasured:
         print(
-            f"first timed its {report.records_remeasured} records again: they had been measured on another thread "
-            "count or with the caches the other way"
+            f"first timed its {report.records_remeasured} records again: they had been measured on another CPU "
+            "(--start-from), thread count or with the caches the other way"
         )
     if args.schedule:
         from .compiler import compile as compile_bundle
@@ -149,7 +150,7 @@ def demo(out: Path, threads: int | None = None, repeat: int = 10) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from .compare import compare, load_models, make_inputs, shipped_database
+    from .compare import compare, load_models, make_inputs, shipped_database, tune_command
     from .reference import AloneRunner
     from .target import host_cpu, host_target
     from .tenant import load_onnx
@@ -167,7 +168,7 @@ def demo(out: Path, threads: int | None = None, repeat: int = 10) -> int:
     if database is None:
         print(
             f"no tuned database for this CPU ({host_cpu()}): kernels are UNTUNED and single-threaded, so the "
-            "numbers below say little about co-scheduling (run `cosched tune` to tune them)"
+            f"numbers below say little about co-scheduling (tune them: {tune_command('demo')})"
         )
     else:
         print(f"using the shipped MetaSchedule database {database}")
@@ -269,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-tasks", type=int, default=None, help="in each pass, tune only this many workloads, costliest first"
+    )
+    p.add_argument(
+        "--start-from",
+        default=None,
+        metavar="DIR",
+        help="an empty --work-dir starts from this database tuned for another CPU (its records timed here "
+        "again, then tuned on), e.g. databases/znver4/demo",
     )
     p.add_argument("--schedule", action="store_true", help="then search the co-schedule (learned cost model)")
     p.set_defaults(func=_tune)

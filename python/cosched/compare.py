@@ -75,12 +75,22 @@ def model_parser(description: str, repeat: int = 40) -> argparse.ArgumentParser:
     return parser
 
 
+def _databases_root() -> Path:
+    env = os.environ.get("COSCHED_DATABASES")
+    return Path(env) if env else REPO_DATABASES
+
+
 def shipped_database(mix: str = "demo") -> Path | None:
     """The database shipped for this CPU and mix, if there is one."""
-    env = os.environ.get("COSCHED_DATABASES")
-    root = Path(env) if env else REPO_DATABASES
-    path = root / host_cpu() / mix
+    path = _databases_root() / host_cpu() / mix
     return path if path.is_dir() else None
+
+
+def tune_command(mix: str = "demo") -> str:
+    """The command that tunes ``mix`` for this CPU, starting from another CPU's shipped database if any."""
+    others = sorted(p for p in _databases_root().glob(f"*/{mix}") if p.parent.name != host_cpu())
+    start = f" --start-from {others[-1]}" if others else ""
+    return f"cosched tune {' '.join(MIXES[mix])} --work-dir databases/{host_cpu()}/{mix} --trials 32 --budget 20{start}"
 
 
 def load_mix(mix: str) -> tuple[Path, dict[str, onnx.ModelProto], list[Tenant]]:
@@ -89,7 +99,7 @@ def load_mix(mix: str) -> tuple[Path, dict[str, onnx.ModelProto], list[Tenant]]:
     if database is None:
         raise CoschedError(
             f"no shipped database for mix {mix} on this CPU ({host_cpu()})",
-            hint=f"tune it first: cosched tune {' '.join(MIXES[mix])} --work-dir databases/{host_cpu()}/{mix}",
+            hint=f"tune it first: {tune_command(mix)}",
         )
     models = load_models(MIXES[mix])
     return database, models, [load_onnx(m, name=n) for n, m in models.items()]

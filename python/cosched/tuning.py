@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -764,10 +765,62 @@ it found no faster kernels than ``SearchSize``: two Inception-v2 workloads given
 each way came out within 1.2% of each other, the full-size search 1.3x slower to run."""
 
 
-def _prepare_work_dir(path: Path, target: tvm.target.Target, cache_flush: bool = False) -> dict:
-    """Create ``path`` or check that what it holds was tuned for ``target``; returns the meta."""
+def _has_records(path: Path) -> bool:
+    return any((path / f).is_file() and (path / f).stat().st_size for f in (WORKLOAD_FILE, RECORD_FILE))
+
+
+def start_database(work_dir: str | os.PathLike, source: str | os.PathLike, target: tvm.target.Target) -> bool:
+    """Start an empty ``work_dir`` for ``target`` from ``source``, a database tuned for another CPU.
+
+    A record is a schedule, not machine code, so one tuned on another CPU of the same kind still
+    builds for this one, and is a far better start than nothing (an untuned CPU kernel is
+    single-threaded). The copied records keep their workloads but not their trial counts: the next
+    ``tune_modules`` times each again here (``remeasure_database``: the meta has no ``threads``),
+    then tunes every workload anew, its evolutionary search seeded with the copied best. The meta
+    records where they came from (``started_from``). Returns False, copying nothing, when
+    ``work_dir`` already holds records: a rerun resumes them.
+    """
+    path, src = Path(work_dir), Path(source)
+    if (path / RECORD_FILE).is_file() and (path / RECORD_FILE).stat().st_size:
+        return False
+    if not all((src / f).is_file() for f in (WORKLOAD_FILE, RECORD_FILE)):
+        raise CoschedError(
+            f"no tuning database at {src} to start from",
+            hint="pass a directory that holds database_workload.json, e.g. databases/<cpu>/<mix>",
+        )
+    tuned_for = _read_meta(src).get("target")
+    if not isinstance(tuned_for, dict) or tuned_for.get("kind") != target.kind.name:
+        raise CoschedError(
+            f"the database at {src} was tuned for {tuned_for}, not for a {target.kind.name} target: "
+            "its schedules do not carry over",
+            hint="start from a database tuned for the same kind of device, or tune from scratch",
+        )
     path.mkdir(parents=True, exist_ok=True)
-    has_db = any((path / f).is_file() and (path / f).stat().st_size for f in (WORKLOAD_FILE, RECORD_FILE))
+    # Meta, workloads, records, in that order: a kill before the records leaves a directory that a
+    # rerun starts again.
+    started = {"path": str(src), "target": tuned_for}
+    _write_meta(path, {"target": target_key(target), "trials": {}, "injective": [], "started_from": started})
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".copy")
+        os.close(fd)
+        shutil.copyfile(src / name, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path / name)
+    logger.info("started %s from the records of %s (tuned for %s)", path, src, tuned_for)
+    return True
+
+
+def _prepare_work_dir(
+    path: Path, target: tvm.target.Target, cache_flush: bool = False, start_from: str | os.PathLike | None = None
+) -> dict:
+    """Create ``path`` or check that what it holds was tuned for ``target``; returns the meta.
+
+    ``start_from``: a database of another CPU that an empty ``path`` starts from (``start_database``).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if start_from is not None:
+        start_database(path, start_from, target)
+    has_db = _has_records(path)
     if has_db or (path / META_FILE).is_file():
         check_database(path, target)  # never mix records of two targets in one directory
     meta = _read_meta(path)
@@ -837,6 +890,7 @@ def tune_modules(
     search: SearchSize = SearchSize(),
     database: ms.database.JSONDatabase | None = None,
     cache_flush: bool = False,
+    start_from: str | os.PathLike | None = None,
 ) -> TuneReport:
     """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
 
@@ -877,13 +931,15 @@ def tune_modules(
     ``cache_flush`` evicts every argument but the first (weights, not the input) from the CPU caches
     before each timed run, as the other tenants' kernels do in a bundle; its latencies are not
     comparable with records measured warm, so a database timed the other way is timed again first.
+    ``start_from`` is a database tuned for another CPU that an empty ``work_dir`` starts from
+    (``start_database``).
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if trials_per_task < 1:
         raise CoschedError(f"trials_per_task must be at least 1, not {trials_per_task}")
     start = time.monotonic()
     path = Path(work_dir)
-    meta = _prepare_work_dir(path, target, cache_flush)
+    meta = _prepare_work_dir(path, target, cache_flush, start_from)
     remeasured = 0
     if database is None:
         remeasured = remeasure_database(path, target, cache_flush)
@@ -1124,6 +1180,7 @@ def tune(
     prune: bool = False,
     cache_flush: bool = False,
     max_tasks: int | None = None,
+    start_from: str | os.PathLike | None = None,
 ) -> TuneReport:
     """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
 
@@ -1136,6 +1193,8 @@ def tune(
     A task stops early once ``patience`` trials brought no gain (see ``tune_modules``).
     ``prune`` drops the records of workloads these tenants do not have (``compact_database``).
     ``max_tasks`` caps the workloads each pass tunes (the costliest: a deep pass on a few).
+    ``start_from``: a database tuned for another CPU (e.g. ``databases/znver4/demo``) whose records
+    an empty ``work_dir`` starts from, timed here again and tuned on (``start_database``).
     """
     from .compiler import as_tenants
     from .passes import LowerKernels
@@ -1146,7 +1205,9 @@ def tune(
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
-    _prepare_work_dir(Path(work_dir), tgt, cache_flush)  # refuses another target's database before opening it
+    _prepare_work_dir(
+        Path(work_dir), tgt, cache_flush, start_from
+    )  # refuses another target's database before opening it
     remeasured = remeasure_database(work_dir, tgt, cache_flush)
     # Opened once for all passes: opening replays every record.
     db = open_database(work_dir)
