@@ -295,6 +295,10 @@ def test_a_mix_without_a_shipped_database_says_how_to_tune_it(tmp_path, monkeypa
     monkeypatch.setenv("COSCHED_DATABASES", str(tmp_path))
     with pytest.raises(CoschedError, match=r"no shipped database for mix demo.*cosched tune squeezenet"):
         load_mix("demo")
+    # Another CPU's database of the mix is where the command starts from.
+    (tmp_path / "another_cpu" / "demo").mkdir(parents=True)
+    with pytest.raises(CoschedError, match=r"--start-from \S*another_cpu/demo"):
+        load_mix("demo")
 
 
 def test_sequential_baselines_run_the_same_models_one_after_another():

@@ -781,6 +781,7 @@ def start_database(work_dir: str | os.PathLike, source: str | os.PathLike, targe
     ``work_dir`` already holds records: a rerun resumes them.
     """
     path, src = Path(work_dir), Path(source)
+    # Records, not workloads: a copy killed between the two files is started again.
     if (path / RECORD_FILE).is_file() and (path / RECORD_FILE).stat().st_size:
         return False
     if not all((src / f).is_file() for f in (WORKLOAD_FILE, RECORD_FILE)):
@@ -1205,9 +1206,8 @@ def tune(
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
     start = time.monotonic()
-    _prepare_work_dir(
-        Path(work_dir), tgt, cache_flush, start_from
-    )  # refuses another target's database before opening it
+    # Refuses another target's database before opening it.
+    _prepare_work_dir(Path(work_dir), tgt, cache_flush, start_from)
     remeasured = remeasure_database(work_dir, tgt, cache_flush)
     # Opened once for all passes: opening replays every record.
     db = open_database(work_dir)
