@@ -308,6 +308,13 @@ def _minify_workload(line: str) -> str:
     return json.dumps([shash, base64.b64encode(struct.pack("<Q", len(text)) + text).decode()])
 
 
+def _install_database(tmp: Path, path: Path) -> None:
+    """Move a database's two files, written complete under ``tmp``, into ``path`` (workloads first)."""
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        os.chmod(tmp / name, 0o644)  # temporary files are private; the database is meant to be shipped
+        os.replace(tmp / name, path / name)
+
+
 def compact_database(
     work_dir: str | os.PathLike,
     keep: Sequence[TaskInfo] | None = None,
@@ -343,9 +350,7 @@ def compact_database(
         kept = len(pruned.get_all_tuning_records())
         workloads = (Path(tmp) / WORKLOAD_FILE).read_text().splitlines()
         (Path(tmp) / WORKLOAD_FILE).write_text("".join(_minify_workload(w) + "\n" for w in workloads if w))
-        for name in (WORKLOAD_FILE, RECORD_FILE):
-            os.chmod(Path(tmp) / name, 0o644)
-            os.replace(Path(tmp) / name, path / name)
+        _install_database(Path(tmp), path)
     return kept
 
 
@@ -721,9 +726,7 @@ def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, c
             fresh.commit_tuning_record(
                 ms.database.TuningRecord(rec.trace, workload, res.run_secs, target, rec.args_info)
             )
-        for name in (WORKLOAD_FILE, RECORD_FILE):
-            os.chmod(Path(tmp) / name, 0o644)
-            os.replace(Path(tmp) / name, path / name)
+        _install_database(Path(tmp), path)
     meta["threads"] = cores
     meta["cache_flush"] = cache_flush
     _write_meta(path, meta)
@@ -801,12 +804,10 @@ def start_database(work_dir: str | os.PathLike, source: str | os.PathLike, targe
     # rerun starts again.
     started = {"path": str(src), "target": tuned_for}
     _write_meta(path, {"target": target_key(target), "trials": {}, "injective": [], "started_from": started})
-    for name in (WORKLOAD_FILE, RECORD_FILE):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".copy")
-        os.close(fd)
-        shutil.copyfile(src / name, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path / name)
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            shutil.copyfile(src / name, Path(tmp) / name)
+        _install_database(Path(tmp), path)
     logger.info("started %s from the records of %s (tuned for %s)", path, src, tuned_for)
     return True
 
