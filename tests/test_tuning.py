@@ -354,8 +354,16 @@ def test_cache_flush_reaches_the_runner(mods, tmp_path, monkeypatch):
     report = tuning.tune_modules(
         mods, TARGET, flushed, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
     )
-    assert configs[1].enable_cpu_cache_flush and report.trials_run == 2
+    assert configs[1] is not None and configs[1].enable_cpu_cache_flush and report.trials_run == 2
     assert len(report.best_us) == 2  # the flushed runs measured
+
+
+def test_cold_timing_flushes_before_every_timed_run():
+    """TVM flushes once per repeat and a repeat runs for ``min_repeat_ms``: cold means one run per repeat."""
+    config = tuning.cold_evaluator()
+    assert config.enable_cpu_cache_flush
+    assert config.number == 1 and config.min_repeat_ms == 0  # no warm runs after the flush
+    assert config.repeat == tuning.COLD_RUNS > 1  # the mean of several cold runs, not one
 
 
 def test_trial_ladder_covers_every_workload_before_going_deeper():
@@ -504,6 +512,26 @@ def test_database_timed_warm_is_timed_again_before_tuning_with_cache_flush(tuned
     db = tuning.open_database(work_dir)
     with pytest.raises(CoschedError, match="cache flush"):
         tuning.tune_modules(mods, TARGET, work_dir, names=NAMES, progress=False, database=db, cache_flush=True)
+
+
+def test_database_flushed_once_per_repeat_is_timed_again_cold(tuned, mods, tmp_path, monkeypatch):
+    """Before ``cold_evaluator`` a database tuned with cache flush was timed warm: it is timed again."""
+    work_dir = tmp_path / "db"
+    shutil.copytree(tuned[0], work_dir)
+    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    meta["cache_flush"] = True  # as cosched wrote it then: no cold_runs
+    (work_dir / tuning.META_FILE).write_text(json.dumps(meta))
+    configs = _record_runner_configs(monkeypatch)
+    report = tuning.tune_modules(
+        mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
+    )
+    assert report.records_remeasured == 2 and report.trials_run == 0
+    assert configs[0].number == 1 and configs[0].min_repeat_ms == 0
+    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    assert meta["cache_flush"] is True and meta["cold_runs"] == tuning.COLD_RUNS
+    warm = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
+    assert warm.records_remeasured == 2
+    assert "cold_runs" not in json.loads((work_dir / tuning.META_FILE).read_text())
 
 
 def test_remeasure_that_times_nothing_leaves_the_database(tuned, tmp_path, monkeypatch):

@@ -644,17 +644,45 @@ def _measure_on_threads(threads: int) -> None:
     os.environ["TVM_BIND_THREADS"] = "0"  # as cosched.runtime runs kernels
 
 
+COLD_RUNS = 32
+"""Runs timed per candidate when tuning with ``cache_flush``, each after its own flush."""
+
+
+def cold_evaluator() -> ms.runner.EvaluatorConfig:
+    """Time single runs, each right after the caches were flushed of every argument but the input."""
+    # TVM's time evaluator flushes once per repeat, and MetaSchedule's default repeat runs the kernel
+    # for 100 ms: every run after the first found its weights warm again. One run per repeat is
+    # the cold timing (ResNet-50's 1x1 convolutions take 1.4-2.6x as long so, the default config
+    # times them as warm: benchmarks/results/cold-timing-resnet50-znver5.txt).
+    return ms.runner.EvaluatorConfig(number=1, repeat=COLD_RUNS, min_repeat_ms=0, enable_cpu_cache_flush=True)
+
+
 def _local_runner(cores: int, cache_flush: bool) -> ms.runner.LocalRunner:
     """MetaSchedule's local runner, its worker timing every candidate on ``cores`` threads."""
     return ms.runner.LocalRunner(
-        evaluator_config=ms.runner.EvaluatorConfig(enable_cpu_cache_flush=True) if cache_flush else None,
+        evaluator_config=cold_evaluator() if cache_flush else None,
         initializer=functools.partial(_measure_on_threads, cores),
     )
 
 
 def _timed_as(meta: dict, cores: int, cache_flush: bool) -> bool:
     """Whether the database's records were timed on ``cores`` threads with caches flushed or not."""
-    return meta.get("threads") == cores and bool(meta.get("cache_flush", False)) == cache_flush
+    if meta.get("threads") != cores:
+        return False
+    if not cache_flush:
+        return not meta.get("cache_flush", False)
+    # A database tuned with cache_flush before ``cold_evaluator`` was timed warm and is timed again.
+    return bool(meta.get("cache_flush")) and meta.get("cold_runs") == COLD_RUNS
+
+
+def _set_timed_as(meta: dict, cores: int, cache_flush: bool) -> None:
+    """Record in ``meta`` how the database's records are timed (``_timed_as``)."""
+    meta["threads"] = cores
+    meta["cache_flush"] = cache_flush
+    if cache_flush:
+        meta["cold_runs"] = COLD_RUNS
+    else:
+        meta.pop("cold_runs", None)
 
 
 def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, cache_flush: bool = False) -> int:
@@ -727,8 +755,7 @@ def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, c
                 ms.database.TuningRecord(rec.trace, workload, res.run_secs, target, rec.args_info)
             )
         _install_database(Path(tmp), path)
-    meta["threads"] = cores
-    meta["cache_flush"] = cache_flush
+    _set_timed_as(meta, cores, cache_flush)
     _write_meta(path, meta)
     return len(records)
 
@@ -830,8 +857,7 @@ def _prepare_work_dir(
     meta.setdefault("trials", {})
     meta.setdefault("injective", [])
     if not has_db:  # how records are timed: remeasure_database compares the next runs' with it
-        meta["threads"] = _num_cores(target)
-        meta["cache_flush"] = cache_flush
+        _set_timed_as(meta, _num_cores(target), cache_flush)
     _write_meta(path, meta)
     return meta
 
