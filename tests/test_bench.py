@@ -301,6 +301,22 @@ def test_a_mix_without_a_shipped_database_says_how_to_tune_it(tmp_path, monkeypa
         load_mix("demo")
 
 
+def test_tuning_starts_from_the_database_of_the_closest_cpu(tmp_path, monkeypatch):
+    """Records replay best on a CPU with the same instructions: the closest CPU's database, not the last name."""
+    from cosched import compare
+
+    monkeypatch.setenv("COSCHED_DATABASES", str(tmp_path))
+    monkeypatch.setattr(compare, "host_cpu", lambda: "znver4")
+    for cpu in ("znver1", "sapphirerapids", "x86-64", "not_a_cpu"):
+        (tmp_path / cpu / "demo").mkdir(parents=True)
+    # AVX-512 like Zen 4: Sapphire Rapids; Zen 1 is AMD too but has no AVX-512, x86-64 none of either.
+    assert compare.nearest_database("demo") == tmp_path / "sapphirerapids" / "demo"
+    (tmp_path / "znver5" / "demo").mkdir(parents=True)
+    assert compare.nearest_database("demo") == tmp_path / "znver5" / "demo"
+    assert "--start-from" in compare.tune_command("demo") and "znver5/demo" in compare.tune_command("demo")
+    assert compare.nearest_database("resnet_squeeze") is None
+
+
 def test_sequential_baselines_run_the_same_models_one_after_another():
     from cosched.compare import make_inputs, sequential_baselines
     from cosched.models import tiny_cnn

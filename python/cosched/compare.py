@@ -19,7 +19,7 @@ from .compiler import reschedule
 from .errors import CoschedError
 from .models import LIGHT_MODELS, light_model
 from .search import SEARCHED_SCHEDULE, load_searched, sequential_schedule
-from .target import as_target, host_cpu
+from .target import as_target, cpu_closeness, host_cpu
 from .tenant import Tenant, load_onnx
 
 if TYPE_CHECKING:
@@ -86,10 +86,16 @@ def shipped_database(mix: str = "demo") -> Path | None:
     return path if path.is_dir() else None
 
 
+def nearest_database(mix: str = "demo") -> Path | None:
+    """Another CPU's shipped database of ``mix``, of the CPU that shares the most features with this one."""
+    # A record is a schedule: one written for the same vector width and instructions replays best here.
+    others = sorted(p for p in _databases_root().glob(f"*/{mix}") if p.parent.name != host_cpu())
+    return max(others, key=lambda p: cpu_closeness(p.parent.name, host_cpu()), default=None)
+
+
 def tune_command(mix: str = "demo") -> str:
     """The command that tunes ``mix`` for this CPU, starting from another CPU's shipped database if any."""
-    others = sorted(p for p in _databases_root().glob(f"*/{mix}") if p.parent.name != host_cpu())
-    start = f" --start-from {others[-1]}" if others else ""
+    start = f" --start-from {other}" if (other := nearest_database(mix)) else ""
     return f"cosched tune {' '.join(MIXES[mix])} --work-dir databases/{host_cpu()}/{mix} --trials 32 --budget 20{start}"
 
 

@@ -14,6 +14,27 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+def cpu_features(cpu: str) -> frozenset[str]:
+    """The instruction-set features LLVM knows CPU model ``cpu`` by; empty for a name it does not know."""
+    if not tvm.target.codegen.llvm_is_valid_cpu(cpu, tvm.target.codegen.llvm_get_system_triple()):
+        return frozenset()
+    return frozenset(tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+
+
+VECTOR_FEATURES = ("avx512f", "avx2", "avx", "sse4.2", "neon", "sve")
+"""Vector instruction sets that decide which tilings and vector widths a tuned schedule was chosen for."""
+
+
+def cpu_closeness(a: str, b: str) -> tuple[bool, float]:
+    """How alike two CPU models are for a tuned schedule: whether they have the same vector instruction
+    sets (``VECTOR_FEATURES``), then the share of all their features in common (Jaccard).
+    ``(False, 0.0)`` for a name LLVM does not know."""
+    fa, fb = cpu_features(a), cpu_features(b)
+    if not fa or not fb:
+        return False, 0.0
+    return all((f in fa) == (f in fb) for f in VECTOR_FEATURES), len(fa & fb) / len(fa | fb)
+
+
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
     """The host CPU as a dict target, with the core count MetaSchedule needs."""
     cores = num_cores or os.cpu_count() or 1
