@@ -30,10 +30,9 @@ from cosched.passes import LowerKernels
 from cosched.target import host_target
 
 CONFIGS = {
-    "warm": (ms.runner.EvaluatorConfig(), None),
-    "flush-per-100ms": (ms.runner.EvaluatorConfig(enable_cpu_cache_flush=True), None),
-    "cold": (tuning.cold_evaluator(), None),
-    "cold-weights": (tuning.cold_evaluator(), tuning.time_cold_weights),
+    "warm": ms.runner.EvaluatorConfig(),
+    "flush-per-100ms": ms.runner.EvaluatorConfig(enable_cpu_cache_flush=True),
+    "cold": tuning.cold_evaluator(),
 }
 
 
@@ -50,11 +49,9 @@ def time_records(records, target, cores: int) -> dict[str, list[float | None]]:
         ms.runner.RunnerInput(b.artifact_path, device, c.args_info) for b, c in zip(built, candidates, strict=True)
     ]
     times = {}
-    for name, (config, evaluator) in CONFIGS.items():
+    for name, config in CONFIGS.items():
         runner = ms.runner.LocalRunner(
-            evaluator_config=config,
-            f_run_evaluator=evaluator,
-            initializer=functools.partial(tuning._measure_on_threads, cores),
+            evaluator_config=config, initializer=functools.partial(tuning._measure_on_threads, cores)
         )
         try:
             times[name] = [tuning._mean_us(f.result()) for f in runner.run(inputs)]
@@ -102,11 +99,7 @@ def main() -> int:
     )
     print(f"cold: {tuning.COLD_RUNS} runs, each after a flush; others: MetaSchedule's default (runs for 100 ms)")
     heads = [*CONFIGS, "in model"]
-    print(
-        f"{'workload (us per call)':<42} {'n':>2} "
-        + " ".join(f"{h:>15}" for h in heads)
-        + "  cold-weights/warm model/warm"
-    )
+    print(f"{'workload (us per call)':<42} {'n':>2} " + " ".join(f"{h:>15}" for h in heads) + "  cold/warm model/warm")
     sums = dict.fromkeys(heads, 0.0)
     for i, task in enumerate(tasks):
         func = task.name.split(".", 1)[1]
@@ -114,7 +107,7 @@ def main() -> int:
         for h, us in zip(heads, row, strict=True):
             sums[h] += task.weight * (us or 0.0)
         cells = " ".join(f"{us:15.1f}" if us else f"{'-':>15}" for us in row)
-        warm, cold, inside = row[0], row[3], row[4]
+        warm, cold, inside = row[0], row[2], row[3]
         ratios = f"{cold / warm:10.2f} {inside / warm:10.2f}" if warm and cold and inside else ""
         print(f"{func[:42]:<42} {task.weight:2d} {cells}  {ratios}")
     print(f"{'sum x n (ms)':<42} {'':>2} " + " ".join(f"{sums[h] / 1e3:15.2f}" for h in heads))

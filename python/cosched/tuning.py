@@ -657,32 +657,10 @@ def cold_evaluator() -> ms.runner.EvaluatorConfig:
     return ms.runner.EvaluatorConfig(number=1, repeat=COLD_RUNS, min_repeat_ms=0, enable_cpu_cache_flush=True)
 
 
-@tvm_ffi.register_global_func("cosched.flush_weights")
-def _flush_weights(*args) -> None:
-    # The arguments a kernel reads from long ago: neither its input nor its output, nor a residual of
-    # the output's shape (the model just wrote those); TVM's flush leaves its first argument alone.
-    out = tuple(args[-1].shape)
-    tvm.get_global_func("cache_flush_cpu_non_first_arg")(*[args[0], *(a for a in args[1:-1] if tuple(a.shape) != out)])
-
-
-def time_cold_weights(rt_mod, device, config: ms.runner.EvaluatorConfig, repeated_args) -> list[float]:
-    """MetaSchedule's run evaluator, flushing a kernel's weights (``_flush_weights``) before each repeat."""
-    evaluator = rt_mod.time_evaluator(
-        rt_mod.entry_name,
-        device,
-        number=config.number,
-        repeat=config.repeat,
-        min_repeat_ms=config.min_repeat_ms,
-        f_preproc="cosched.flush_weights",
-    )
-    return [float(cost) for args in repeated_args for cost in evaluator(*args).results]
-
-
 def _local_runner(cores: int, cache_flush: bool) -> ms.runner.LocalRunner:
     """MetaSchedule's local runner, its worker timing every candidate on ``cores`` threads."""
     return ms.runner.LocalRunner(
         evaluator_config=cold_evaluator() if cache_flush else None,
-        f_run_evaluator=time_cold_weights if cache_flush else None,
         initializer=functools.partial(_measure_on_threads, cores),
     )
 
