@@ -87,7 +87,7 @@ def shipped_database(mix: str = "demo") -> Path | None:
 
 
 def nearest_database(mix: str = "demo") -> Path | None:
-    """Another CPU's shipped database of ``mix``, of the CPU that shares the most features with this one."""
+    """Another CPU's shipped database of ``mix``, of the CPU closest to this one (``cpu_closeness``)."""
     # A record is a schedule: one written for the same vector width and instructions replays best here.
     others = sorted(p for p in _databases_root().glob(f"*/{mix}") if p.parent.name != host_cpu())
     return max(others, key=lambda p: cpu_closeness(p.parent.name, host_cpu()), default=None)

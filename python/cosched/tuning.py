@@ -652,8 +652,8 @@ def cold_evaluator() -> ms.runner.EvaluatorConfig:
     """Time single runs, each right after the caches were flushed of every argument but the input."""
     # TVM's time evaluator flushes once per repeat, and MetaSchedule's default repeat runs the kernel
     # for 100 ms: every run after the first found its weights warm again. One run per repeat is
-    # the cold timing (ResNet-50's 1x1 convolutions take 1.4-2.6x as long so, the default config
-    # times them as warm: benchmarks/results/cold-timing-resnet50-znver5.txt).
+    # the cold timing (ResNet-50's records: 25.2 ms summed, 17.1 warm and 17.1 flushed the old way;
+    # benchmarks/results/cold-timing-resnet50-znver5.txt).
     return ms.runner.EvaluatorConfig(number=1, repeat=COLD_RUNS, min_repeat_ms=0, enable_cpu_cache_flush=True)
 
 
