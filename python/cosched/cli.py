@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-flush",
         action="store_true",
-        help="time candidates with weights and outputs flushed from the caches, as in a bundle (experimental)",
+        help="time candidates cold, each run right after every argument but the input was flushed from the "
+        "caches (experimental: it picked no faster kernels for the shipped mixes)",
     )
     p.add_argument(
         "--max-tasks", type=int, default=None, help="in each pass, tune only this many workloads, costliest first"
