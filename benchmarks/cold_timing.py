@@ -16,12 +16,11 @@ import argparse
 import collections
 import functools
 import os
-import re
 import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-import tvm
+from kernel_breakdown import kernel_workload
 from tvm.s_tir import meta_schedule as ms
 
 import cosched
@@ -39,26 +38,15 @@ CONFIGS = {
 
 def time_records(records, target, cores: int) -> dict[str, list[float | None]]:
     """Microseconds per run of each record under each of ``CONFIGS``."""
-    candidates = [r.as_measure_candidate() for r in records]
-    builder = tuning._PooledBuilder(max_workers=cores)
-    try:
-        built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
-    finally:
-        builder.shutdown()
-    device = tvm.runtime.device(target.get_target_device_type()).type
-    inputs = [
-        ms.runner.RunnerInput(b.artifact_path, device, c.args_info) for b, c in zip(built, candidates, strict=True)
+    runners = [
+        ms.runner.LocalRunner(evaluator_config=c, initializer=functools.partial(tuning._measure_on_threads, cores))
+        for c in CONFIGS.values()
     ]
-    times = {}
-    for name, config in CONFIGS.items():
-        runner = ms.runner.LocalRunner(
-            evaluator_config=config, initializer=functools.partial(tuning._measure_on_threads, cores)
-        )
-        try:
-            times[name] = [tuning._mean_us(f.result()) for f in runner.run(inputs)]
-        finally:
-            runner.pool.shutdown()
-    return times
+    timed = tuning.time_records(records, target, cores, runners)
+    return {
+        name: [None if isinstance(r, str) else tuning._mean_us(r) for r in results]
+        for name, results in zip(CONFIGS, timed, strict=True)
+    }
 
 
 def in_model_us(bundle, inputs, repeat: int) -> tuple[dict[str, float], float]:
@@ -68,8 +56,7 @@ def in_model_us(bundle, inputs, repeat: int) -> tuple[dict[str, float], float]:
     calls: dict[str, int] = collections.defaultdict(int)
     for _ in range(repeat):
         for event in bundle.profile(inputs).events:
-            # ConcatInPlace's rewrites (``..._into_<var>_<offset>``) run their workload's kernel.
-            func = re.split(r"_(?:from|into)_", event.func)[0].removesuffix("_prepacked")
+            func = kernel_workload(event.func)
             total[func] += event.end_us - event.start_us
             calls[func] += 1
     return {f: total[f] / calls[f] for f in total}, sum(total.values()) / repeat / 1e3

@@ -61,11 +61,16 @@ def conv_shapes(schedule) -> dict[int, tuple[int, int]]:
     return {k.id: (elements(k, 0), elements(k, len(k.args) - 1)) for k in schedule.kernels if "conv2d" in k.func}
 
 
+def kernel_workload(func: str) -> str:
+    """The workload a kernel runs: its name without ``_prepacked`` or ConcatInPlace's suffix
+    (``..._from_<var>_<offset>``, ``..._into_<var>_<offset>``)."""
+    return re.split(r"_(?:from|into)_", func)[0].removesuffix("_prepacked")
+
+
 def kernel_kind(func: str) -> str:
-    """A kernel's name without numbers; ConcatInPlace's rewrites (``..._from_<var>_<offset>``,
-    ``..._into_<var>_<offset>``) keep their kernel's kind and say which way they use a concatenation."""
-    base = re.split(r"_(?:from|into)_", func)[0]
-    kind = re.sub(r"\d+", "", base).removesuffix("_prepacked")
+    """A kernel's workload without numbers; ConcatInPlace's rewrites keep their kernel's kind and say
+    which way they use a concatenation."""
+    kind = re.sub(r"\d+", "", kernel_workload(func))
     uses = [word for word in ("from", "into") if f"_{word}_" in func]
     return f"{kind} ({' and '.join(uses)} a concatenation)" if uses else kind
 

@@ -89,8 +89,9 @@ def shipped_database(mix: str = "demo") -> Path | None:
 def nearest_database(mix: str = "demo") -> Path | None:
     """Another CPU's shipped database of ``mix``, of the CPU closest to this one (``cpu_closeness``)."""
     # A record is a schedule: one written for the same vector width and instructions replays best here.
-    others = sorted(p for p in _databases_root().glob(f"*/{mix}") if p.parent.name != host_cpu())
-    return max(others, key=lambda p: cpu_closeness(p.parent.name, host_cpu()), default=None)
+    host = host_cpu()
+    others = sorted(p for p in _databases_root().glob(f"*/{mix}") if p.parent.name != host)
+    return max(others, key=lambda p: cpu_closeness(p.parent.name, host), default=None)
 
 
 def tune_command(mix: str = "demo") -> str:

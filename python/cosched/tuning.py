@@ -685,6 +685,35 @@ def _set_timed_as(meta: dict, cores: int, cache_flush: bool) -> None:
         meta.pop("cold_runs", None)
 
 
+def time_records(
+    records: Sequence[ms.database.TuningRecord],
+    target: tvm.target.Target,
+    cores: int,
+    runners: Sequence[ms.runner.LocalRunner],
+) -> list[list[ms.runner.RunnerResult | str]]:
+    """Each record built once and timed by each of ``runners`` (shut down here): per runner, a result
+    per record, or the build error (str) of a record that did not build."""
+    builder = _PooledBuilder(max_workers=cores)
+    try:
+        candidates = [rec.as_measure_candidate() for rec in records]
+        built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+        device = tvm.runtime.device(target.get_target_device_type()).type
+        inputs = [
+            ms.runner.RunnerInput(b.artifact_path, device, c.args_info)
+            for b, c in zip(built, candidates, strict=True)
+            if b.error_msg is None
+        ]
+        timed = []
+        for runner in runners:
+            results = iter([f.result() for f in runner.run(inputs)])
+            timed.append([next(results) if b.error_msg is None else b.error_msg for b in built])
+        return timed
+    finally:
+        builder.shutdown()
+        for runner in runners:
+            runner.pool.shutdown()
+
+
 def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, cache_flush: bool = False) -> int:
     """Time each workload's best record again if ``work_dir`` was measured another way.
 
@@ -716,22 +745,7 @@ def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, c
         meta.get("threads"),
         bool(meta.get("cache_flush", False)),
     )
-    builder = _PooledBuilder(max_workers=cores)
-    runner = _local_runner(cores, cache_flush)
-    try:
-        candidates = [rec.as_measure_candidate() for rec in records]
-        built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
-        device = tvm.runtime.device(target.get_target_device_type()).type
-        inputs = [
-            ms.runner.RunnerInput(b.artifact_path, device, c.args_info)
-            for b, c in zip(built, candidates, strict=True)
-            if b.error_msg is None
-        ]
-        results = iter([f.result() for f in runner.run(inputs)])
-        timed = [next(results) if b.error_msg is None else b.error_msg for b in built]
-    finally:
-        builder.shutdown()
-        runner.pool.shutdown()
+    (timed,) = time_records(records, target, cores, [_local_runner(cores, cache_flush)])
     # A build error (str), a run error, or a run without a valid time.
     failures = [res if isinstance(res, str) else res.error_msg or "no valid time" for res in timed if _failed(res)]
     if records and len(failures) == len(records):
