@@ -7,8 +7,11 @@
 
 Each model alone, the mix's shipped database, all cores. TVM: the kernels' times from
 ``Bundle.profile`` summed by the fused kernel's name without numbers (``fused_conv2d_add_relu``).
-ONNX Runtime: its profiler's per-node times summed by operator type. Both profiles cost time, so the
-totals are above the plain latencies (printed too, measured alternately); the shares are what matter.
+ONNX Runtime: its profiler's per-node times summed by operator type. Each kernel or node counts its
+median over the profiled runs: on this shared machine one run in ten can take twice as long, and
+with means it once made a ResNet-50 convolution shape look 3.9x ORT's time instead of 1.1x. Both
+profiles cost time, so the totals are above the plain latencies (printed too, measured
+alternately); the shares are what matter.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 
@@ -30,24 +34,30 @@ from cosched.compare import MIXES, load_models, make_inputs, shipped_database
 from cosched.target import host_target
 
 
-def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], dict[tuple, list[float]], float, int]:
-    """Milliseconds per inference by kernel kind and by convolution shape (``conv_shapes``), the span
-    from first start to last end, the kernel count."""
-    kinds: dict[str, float] = collections.defaultdict(float)
+def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], dict[tuple, list], float, int]:
+    """Milliseconds per inference by kernel kind and by convolution shape (``conv_shapes``: count,
+    milliseconds, workloads), the span from first start to last end, the kernel count: each kernel's
+    median over the runs."""
     shapes = conv_shapes(bundle.schedule)
-    convs: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    span = 0.0
+    times: dict[int, list[float]] = collections.defaultdict(list)
+    funcs: dict[int, str] = {}
+    spans = []
     for _ in range(repeat):
         trace = bundle.profile(inputs)
-        span += trace.span_us / 1e3
+        spans.append(trace.span_us / 1e3)
         for event in trace.events:
-            ms = (event.end_us - event.start_us) / 1e3
-            kinds[kernel_kind(event.func)] += ms
-            if event.kernel in shapes:
-                convs[shapes[event.kernel]][1] += ms / repeat
-    for shape in shapes.values():
-        convs[shape][0] += 1
-    return {k: v / repeat for k, v in kinds.items()}, dict(convs), span / repeat, len(trace.events)
+            times[event.kernel].append((event.end_us - event.start_us) / 1e3)
+            funcs[event.kernel] = event.func
+    kinds: dict[str, float] = collections.defaultdict(float)
+    convs: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0, set()])
+    for kernel, samples in times.items():
+        ms = statistics.median(samples)
+        kinds[kernel_kind(funcs[kernel])] += ms
+        if kernel in shapes:
+            convs[shapes[kernel]][0] += 1
+            convs[shapes[kernel]][1] += ms
+            convs[shapes[kernel]][2].add(kernel_workload(funcs[kernel]))
+    return dict(kinds), dict(convs), statistics.median(spans), len(times)
 
 
 def conv_shapes(schedule) -> dict[int, tuple[int, int]]:
@@ -93,29 +103,36 @@ def ort_kinds(
     # The first run is the warm-up: its nodes end before the first model_run event does.
     first = min((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
     warm = first["ts"] + first["dur"]
-    kinds: dict[str, float] = collections.defaultdict(float)
-    convs: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    durations: dict[str, list[float]] = collections.defaultdict(list)
+    nodes: dict[str, dict] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= warm:
-            op = e["args"]["op_name"]
-            kinds[op] += e["dur"] / 1e3
-            if "Conv" in op:
-                sizes = [
-                    math.prod(next(iter(t.values())))
-                    for t in (e["args"]["input_type_shape"][0], e["args"]["output_type_shape"][0])
-                ]
-                convs[tuple(sizes)][0] += 1 / repeat
-                convs[tuple(sizes)][1] += e["dur"] / 1e3 / repeat
-    return {k: v / repeat for k, v in kinds.items()}, dict(convs)
+            durations[e["name"]].append(e["dur"] / 1e3)
+            nodes[e["name"]] = e["args"]
+    kinds: dict[str, float] = collections.defaultdict(float)
+    convs: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for name, samples in durations.items():
+        args, ms = nodes[name], statistics.median(samples)
+        kinds[args["op_name"]] += ms
+        if "Conv" in args["op_name"]:
+            sizes = [
+                math.prod(next(iter(t.values()))) for t in (args["input_type_shape"][0], args["output_type_shape"][0])
+            ]
+            convs[tuple(sizes)][0] += 1
+            convs[tuple(sizes)][1] += ms
+    return dict(kinds), dict(convs)
 
 
-def conv_table(tvm: dict[tuple, list[float]], ort_: dict[tuple, list[float]], top: int) -> list[str]:
-    """The ``top`` convolution shapes by TVM time: count and ms per inference in each, TVM/ORT."""
-    lines = [f"    {'input, output elements':<26} {'TVM n':>5} {'TVM ms':>8} {'ORT n':>5} {'ORT ms':>8} {'TVM/ORT':>7}"]
-    for shape, (n, ms) in sorted(tvm.items(), key=lambda kv: -kv[1][1])[:top]:
+def conv_table(tvm: dict[tuple, list], ort_: dict[tuple, list[float]], top: int) -> list[str]:
+    """The ``top`` convolution shapes by TVM time: count and ms per inference in each, TVM/ORT, and
+    TVM's workloads of that shape (what ``cosched tune --kernels`` takes)."""
+    head = f"{'input, output elements':<26} {'TVM n':>5} {'TVM ms':>8} {'ORT n':>5} {'ORT ms':>8} {'TVM/ORT':>7}"
+    lines = [f"    {head}  workloads"]
+    for shape, (n, ms, workloads) in sorted(tvm.items(), key=lambda kv: -kv[1][1])[:top]:
         on, oms = ort_.get(shape, (0, 0.0))
         ratio = f"{ms / oms:7.2f}" if oms else "      -"
-        lines.append(f"    {f'{shape[0]}, {shape[1]}':<26} {n:5d} {ms:8.3f} {round(on):5d} {oms:8.3f} {ratio}")
+        row = f"{f'{shape[0]}, {shape[1]}':<26} {n:5d} {ms:8.3f} {round(on):5d} {oms:8.3f} {ratio}"
+        lines.append(f"    {row}  {' '.join(sorted(workloads))}")
     return lines
 
 

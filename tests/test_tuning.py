@@ -397,6 +397,27 @@ def test_max_tasks_tunes_only_the_costliest(tmp_path):
     assert [t.name for t in tasks if tuning._best_us(db, t) is not None] == [costliest.name]
 
 
+def test_kernels_tunes_only_the_named_workloads(tmp_path):
+    """``kernels`` picks workloads by kernel name (as a profile names them), not by cost; a name
+    that matches nothing is refused before anything is timed."""
+    tenants = [load_onnx(conv_model(n, i, i == 1), name=n) for i, n in enumerate(NAMES)]
+    tasks = tuning.extract_tasks([LowerKernels(TARGET)(t.mod) for t in tenants], TARGET, NAMES)
+    convs = sorted((t for t in tasks if "conv2d" in t.name), key=lambda t: t.cost)
+    assert len(convs) == 2
+    chosen = convs[0]  # the cheaper: not what cost order would pick
+    kernel = chosen.name.split(".", 1)[1]
+    report = tuning.tune(tenants, TARGET, tmp_path, trials=1, progress=False, patience=None, kernels=[kernel])
+    db = tuning.open_database(tmp_path)
+    assert report.trials_run == 1
+    assert [t.name for t in tasks if tuning._best_us(db, t) is not None] == [chosen.name]
+    # Whole names only: a prefix of the kernels' names picks none of them by accident.
+    with pytest.raises(CoschedError, match="no kernel of these models is named 'fused_conv2d'") as err:
+        tuning.tune(tenants, TARGET, tmp_path / "typo", trials=1, progress=False, kernels=["fused_conv2d"])
+    assert "kernel_breakdown" in err.value.hint
+    assert not (tmp_path / "typo").exists()
+    assert {t.name for t in tuning.select_kernels(tasks, [".*conv2d.*"])} == {t.name for t in convs}
+
+
 def two_conv_model() -> onnx.ModelProto:
     """Two 3x3 conv+relu of different widths: one operator family, two workloads."""
     rng = np.random.default_rng(5)

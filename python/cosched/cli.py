@@ -119,6 +119,7 @@ def _tune(args: argparse.Namespace) -> int:
         cache_flush=args.cache_flush,
         max_tasks=args.max_tasks,
         start_from=args.start_from,
+        kernels=args.kernels,
     )
     print(
         f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
@@ -271,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-tasks", type=int, default=None, help="in each pass, tune only this many workloads, costliest first"
+    )
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="tune only these workloads (regular expressions over kernel names such as "
+        "fused_conv2d3_add2_add3_relu21, as benchmarks/kernel_breakdown.py lists them)",
     )
     p.add_argument(
         "--start-from",

@@ -915,6 +915,31 @@ class _ProgressBar:
         self.bar.close()
 
 
+def select_kernels(tasks: Sequence[TaskInfo], patterns: Sequence[str] | None) -> list[TaskInfo]:
+    """The tasks whose kernel (``fused_conv2d3_add2_add3_relu21``, as ``Bundle.profile`` and
+    ``benchmarks/kernel_breakdown.py`` name it without ``_prepacked``) or full task name
+    (``resnet50.fused_...``) matches one of ``patterns`` (regular expressions, whole name); all with
+    none. A pattern that matches nothing is refused: a typo would otherwise tune nothing quietly.
+    """
+    if not patterns:
+        return list(tasks)
+    chosen = []
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise CoschedError(f"--kernels {pattern!r} is no regular expression: {err}") from None
+        matched = [t for t in tasks if regex.fullmatch(t.name) or regex.fullmatch(t.name.split(".", 1)[-1])]
+        if not matched:
+            sample = ", ".join(sorted(t.name.split(".", 1)[-1] for t in tasks)[:6])
+            raise CoschedError(
+                f"no kernel of these models is named {pattern!r}",
+                hint=f"kernels are named like {sample}, ... (benchmarks/kernel_breakdown.py lists them)",
+            )
+        chosen += [t for t in matched if t not in chosen]
+    return chosen
+
+
 def tune_modules(
     mods: Sequence[tvm.IRModule],
     target: tvm.target.Target,
@@ -933,6 +958,7 @@ def tune_modules(
     database: ms.database.JSONDatabase | None = None,
     cache_flush: bool = False,
     start_from: str | os.PathLike | None = None,
+    kernels: Sequence[str] | None = None,
 ) -> TuneReport:
     """Tune the kernels of lowered Relax modules into a ``JSONDatabase`` in ``work_dir``.
 
@@ -974,7 +1000,7 @@ def tune_modules(
     before each timed run, as the other tenants' kernels do in a bundle; its latencies are not
     comparable with records measured warm, so a database timed the other way is timed again first.
     ``start_from`` is a database tuned for another CPU that an empty ``work_dir`` starts from
-    (``start_database``).
+    (``start_database``). ``kernels`` tunes only the workloads they name (``select_kernels``).
     """
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if trials_per_task < 1:
@@ -994,13 +1020,14 @@ def tune_modules(
         )
     tasks = extract_tasks(mods, target, names)
     tasks.sort(key=lambda t: t.cost, reverse=True)
+    chosen = {t.key for t in select_kernels(tasks, kernels)}
     db = open_database(path) if database is None else database
     on_disk = _records_per_workload(db, tasks)
     done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
     # Injective kernels get cosched's own schedules measured once, also in a database tuned before
     # they existed: their trials come on top of the task's.
     injective = {t.key: s for t in tasks if t.key not in meta["injective"] and (s := injective_candidates(t.mod))}
-    todo = [t for t in tasks if done[t.key] < trials_per_task or t.key in injective]
+    todo = [t for t in tasks if t.key in chosen and (done[t.key] < trials_per_task or t.key in injective)]
     best = {t.key: _best_us(db, t) for t in todo}
     # FLOPs say little about time once a kernel is tuned (a depthwise conv has few and still takes
     # long): a measured kernel ranks by the time it takes per inference, after every unmeasured one.
@@ -1223,6 +1250,7 @@ def tune(
     cache_flush: bool = False,
     max_tasks: int | None = None,
     start_from: str | os.PathLike | None = None,
+    kernels: Sequence[str] | None = None,
 ) -> TuneReport:
     """Tune the kernels of a bundle's tenants into a database that ``cosched.compile(database=...)`` applies.
 
@@ -1237,6 +1265,8 @@ def tune(
     ``max_tasks`` caps the workloads each pass tunes (the costliest: a deep pass on a few).
     ``start_from``: a database tuned for another CPU (e.g. ``databases/znver4/demo``) whose records
     an empty ``work_dir`` starts from, timed here again and tuned on (``start_database``).
+    ``kernels``: tune only the workloads these patterns name (``select_kernels``), e.g. the few a
+    profile shows slower than they should be.
     """
     from .compiler import as_tenants
     from .passes import LowerKernels
@@ -1246,6 +1276,8 @@ def tune(
     tgt = as_target(target)
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
+    if kernels:
+        select_kernels(extract_tasks(mods, tgt, names), kernels)  # a typo fails before any timing
     start = time.monotonic()
     # Refuses another target's database before opening it.
     _prepare_work_dir(Path(work_dir), tgt, cache_flush, start_from)
@@ -1270,6 +1302,7 @@ def tune(
             database=db,
             cache_flush=cache_flush,
             max_tasks=max_tasks,
+            kernels=kernels,
         )
         reports.append(report)
     compact_database(work_dir, keep=extract_tasks(mods, tgt, names) if prune else None, database=db)
