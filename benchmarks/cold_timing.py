@@ -8,14 +8,17 @@ mix's shipped database built once and timed by MetaSchedule's runner on all core
 ``warm`` (the default EvaluatorConfig: runs repeated for 100 ms), ``flush-per-100ms`` (the default
 with ``enable_cpu_cache_flush``, as ``cosched tune --cache-flush`` timed until 2026-11-24: TVM
 flushes once per repeat, so all runs but the first are warm) and ``cold``
-(``tuning.cold_evaluator()``: one run per flush). ``in model``: the same kernel's mean time in
-``Bundle.profile`` of the model alone, compiled with that database.
+(``tuning.cold_evaluator()``: one run per flush). ``in model``: the same kernel's median time in
+``Bundle.profile`` of the model alone, compiled with that database (a mean until 2026-11-24, which
+the runs a neighbour slowed pulled up: ResNet-50's kernels summed 22.0 ms in the model that way, and
+19.2-19.4 ms as medians in ``kernel_breakdown.py``'s profiles on the same database).
 """
 
 import argparse
 import collections
 import functools
 import os
+import statistics
 import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
@@ -50,16 +53,17 @@ def time_records(records, target, cores: int) -> dict[str, list[float | None]]:
 
 
 def in_model_us(bundle, inputs, repeat: int) -> tuple[dict[str, float], float]:
-    """Mean microseconds per call of each workload's kernels in the model's profile, and the
-    milliseconds of all kernels per inference."""
-    total: dict[str, float] = collections.defaultdict(float)
-    calls: dict[str, int] = collections.defaultdict(int)
+    """Median microseconds per call of each workload's kernels in the model's profiles, and the
+    milliseconds of all kernels per inference (each kernel's median summed): medians, as one run in
+    ten on this shared machine can take twice as long."""
+    samples: dict[str, list[float]] = collections.defaultdict(list)
+    per_kernel: dict[int, list[float]] = collections.defaultdict(list)
     for _ in range(repeat):
         for event in bundle.profile(inputs).events:
-            func = kernel_workload(event.func)
-            total[func] += event.end_us - event.start_us
-            calls[func] += 1
-    return {f: total[f] / calls[f] for f in total}, sum(total.values()) / repeat / 1e3
+            samples[kernel_workload(event.func)].append(event.end_us - event.start_us)
+            per_kernel[event.kernel].append(event.end_us - event.start_us)
+    total_ms = sum(statistics.median(v) for v in per_kernel.values()) / 1e3
+    return {f: statistics.median(v) for f, v in samples.items()}, total_ms
 
 
 def main() -> int:
