@@ -112,4 +112,12 @@ def test_tune_deep_pass_on_the_costliest(model_files, tmp_path, capsys, monkeypa
     assert main(["tune", *model_files, "--work-dir", str(work), "--trials", "1", "--max-tasks", "1"]) == 0
     assert caps == [1]
     out = capsys.readouterr().out
-    assert " 1 trials in " in out and " not reached" in out and " 0 not reached" not in out
+    assert " 1 trials on 1 of them in " in out and " not reached" in out and " 0 not reached" not in out
+
+
+def test_tune_kernels_that_name_nothing_are_refused(model_files, tmp_path, capsys):
+    """``--kernels`` reaches ``cosched.tune``; a name no kernel has fails before a database is made."""
+    work = tmp_path / "db"
+    assert main(["tune", *model_files, "--work-dir", str(work), "--kernels", "fused_conv2d"]) == 2
+    assert "no kernel of these models is named 'fused_conv2d'" in capsys.readouterr().err
+    assert not work.exists()

@@ -408,7 +408,7 @@ def test_kernels_tunes_only_the_named_workloads(tmp_path):
     kernel = chosen.name.split(".", 1)[1]
     report = tuning.tune(tenants, TARGET, tmp_path, trials=1, progress=False, patience=None, kernels=[kernel])
     db = tuning.open_database(tmp_path)
-    assert report.trials_run == 1
+    assert report.trials_run == 1 and report.tuned == [chosen.name] and report.tasks_tuned == 1
     assert [t.name for t in tasks if tuning._best_us(db, t) is not None] == [chosen.name]
     # Whole names only: a prefix of the kernels' names picks none of them by accident.
     with pytest.raises(CoschedError, match="no kernel of these models is named 'fused_conv2d'") as err:

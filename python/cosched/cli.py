@@ -122,8 +122,9 @@ def _tune(args: argparse.Namespace) -> int:
         kernels=args.kernels,
     )
     print(
-        f"tuned {report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once), "
-        f"{report.trials_run} trials in {report.seconds / 60:.1f} min; {report.tasks_stopped_early} stopped early "
+        f"{report.tasks_deduped} distinct kernels ({report.dedup_saved} tasks shared by tenants, tuned once); "
+        f"{report.trials_run} trials on {report.tasks_tuned} of them in {report.seconds / 60:.1f} min; "
+        f"{report.tasks_stopped_early} task passes stopped early "
         f"({report.trials_saved} trials saved); {report.trials_transferred} trials on schedules transferred "
         f"from same-family workloads, {report.trials_injective} on cosched's element-wise schedules; "
         f"{report.tasks_left} not reached; "

@@ -101,7 +101,9 @@ class TuneReport:
     best_us: dict[str, float] = field(default_factory=dict)
     """Best measured latency per task name, in microseconds (from this and earlier runs)."""
     tasks_tuned: int = 0
-    """Tasks that got trials in this run."""
+    """Tasks that got trials in this run (from ``tune``: in any of its passes)."""
+    tuned: list[str] = field(default_factory=list)
+    """Their names."""
     tasks_skipped: int = 0
     """Tasks that already had all their trials in the database."""
     tasks_left: int = 0
@@ -1155,6 +1157,7 @@ def _tune_plan(
                 _run_task(ctx, task.weight, trials, batch, builder, runner, plan.db, cost_model, callbacks)
                 task_secs.append(time.monotonic() - t0)
                 report.tasks_tuned += 1
+                report.tuned.append(task.name)
                 if outcome.get("stopped"):
                     report.tasks_stopped_early += 1
                     report.trials_saved += trials - outcome["measured"]
@@ -1309,6 +1312,8 @@ def tune(
     # The last pass's report describes the database; what was spent adds up over the passes.
     for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred", "trials_injective"):
         setattr(report, name, sum(getattr(r, name) for r in reports))
+    report.tuned = sorted({name for r in reports for name in r.tuned})
+    report.tasks_tuned = len(report.tuned)
     report.records_remeasured = remeasured
     report.seconds = time.monotonic() - start
     return report
