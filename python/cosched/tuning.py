@@ -925,12 +925,12 @@ def select_kernels(tasks: Sequence[TaskInfo], patterns: Sequence[str] | None) ->
     """
     if not patterns:
         return list(tasks)
-    chosen = []
+    chosen: dict[str, TaskInfo] = {}
     for pattern in patterns:
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise CoschedError(f"--kernels {pattern!r} is no regular expression: {err}") from None
+            raise CoschedError(f"kernel pattern {pattern!r} is no regular expression: {err}") from None
         matched = [t for t in tasks if regex.fullmatch(t.name) or regex.fullmatch(t.name.split(".", 1)[-1])]
         if not matched:
             sample = ", ".join(sorted(t.name.split(".", 1)[-1] for t in tasks)[:6])
@@ -938,8 +938,8 @@ def select_kernels(tasks: Sequence[TaskInfo], patterns: Sequence[str] | None) ->
                 f"no kernel of these models is named {pattern!r}",
                 hint=f"kernels are named like {sample}, ... (benchmarks/kernel_breakdown.py lists them)",
             )
-        chosen += [t for t in matched if t not in chosen]
-    return chosen
+        chosen.update((t.key, t) for t in matched)
+    return list(chosen.values())
 
 
 def tune_modules(
