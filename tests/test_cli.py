@@ -113,6 +113,7 @@ def test_tune_deep_pass_on_the_costliest(model_files, tmp_path, capsys, monkeypa
     assert caps == [1]
     out = capsys.readouterr().out
     assert " 1 trials on 1 of them in " in out and " not reached" in out and " 0 not reached" not in out
+    assert "untuned -> " in out  # the one kernel's time, which it had none of before
 
 
 def test_tune_kernels_that_name_nothing_are_refused(model_files, tmp_path, capsys):

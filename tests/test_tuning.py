@@ -410,6 +410,11 @@ def test_kernels_tunes_only_the_named_workloads(tmp_path):
     db = tuning.open_database(tmp_path)
     assert report.trials_run == 1 and report.tuned == [chosen.name] and report.tasks_tuned == 1
     assert [t.name for t in tasks if tuning._best_us(db, t) is not None] == [chosen.name]
+    assert report.best_before_us == {}
+    first = tuning._best_us(db, chosen)
+    again = tuning.tune(tenants, TARGET, tmp_path, trials=2, progress=False, patience=None, kernels=[kernel])
+    assert again.tuned == [chosen.name] and again.best_before_us == {chosen.name: first}
+    assert again.best_us[chosen.name] <= first
     # Whole names only: a prefix of the kernels' names picks none of them by accident.
     with pytest.raises(CoschedError, match="no kernel of these models is named 'fused_conv2d'") as err:
         tuning.tune(tenants, TARGET, tmp_path / "typo", trials=1, progress=False, kernels=["fused_conv2d"])

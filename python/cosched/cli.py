@@ -16,6 +16,8 @@ from pathlib import Path
 from .errors import CoschedError
 
 DEMO_MIX = ("squeezenet", "shufflenet", "inception_v1")
+TUNED_SHOWN = 12
+"""``cosched tune`` lists each tuned kernel's best time before and after when it tuned at most this many."""
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -130,6 +132,12 @@ def _tune(args: argparse.Namespace) -> int:
         f"{report.tasks_left} not reached; "
         f"database in {args.work_dir}"
     )
+    if 0 < len(report.tuned) <= TUNED_SHOWN:  # a deep pass on a few: what it bought each of them
+        for name in report.tuned:
+            was = report.best_before_us.get(name)
+            now = report.best_us.get(name)
+            if now is not None:
+                print(f"  {name}: {'untuned' if was is None else f'{was:.1f} us'} -> {now:.1f} us")
     if report.records_remeasured:
         print(
             f"first timed its {report.records_remeasured} records again: they had been measured on another CPU "

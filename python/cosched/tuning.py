@@ -104,6 +104,8 @@ class TuneReport:
     """Tasks that got trials in this run (from ``tune``: in any of its passes)."""
     tuned: list[str] = field(default_factory=list)
     """Their names."""
+    best_before_us: dict[str, float] = field(default_factory=dict)
+    """Best latency before this run of each tuned task that had a record (``tune`` only)."""
     tasks_skipped: int = 0
     """Tasks that already had all their trials in the database."""
     tasks_left: int = 0
@@ -1279,14 +1281,15 @@ def tune(
     tgt = as_target(target)
     names = list(names) if names else [t.name for t in tenants]
     mods = [LowerKernels(tgt)(t.mod) for t in tenants]
-    if kernels:
-        select_kernels(extract_tasks(mods, tgt, names), kernels)  # a typo fails before any timing
+    tasks = extract_tasks(mods, tgt, names)
+    select_kernels(tasks, kernels)  # a typo fails before any timing
     start = time.monotonic()
     # Refuses another target's database before opening it.
     _prepare_work_dir(Path(work_dir), tgt, cache_flush, start_from)
     remeasured = remeasure_database(work_dir, tgt, cache_flush)
     # Opened once for all passes: opening replays every record.
     db = open_database(work_dir)
+    before = {t.name: us for t in tasks if (us := _best_us(db, t)) is not None}
     reports = []
     for i, pass_trials in enumerate(trial_ladder(first_trials, trials)):
         share = 0.65 if i == 0 else 1.0
@@ -1308,12 +1311,13 @@ def tune(
             kernels=kernels,
         )
         reports.append(report)
-    compact_database(work_dir, keep=extract_tasks(mods, tgt, names) if prune else None, database=db)
+    compact_database(work_dir, keep=tasks if prune else None, database=db)
     # The last pass's report describes the database; what was spent adds up over the passes.
     for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred", "trials_injective"):
         setattr(report, name, sum(getattr(r, name) for r in reports))
     report.tuned = sorted({name for r in reports for name in r.tuned})
     report.tasks_tuned = len(report.tuned)
+    report.best_before_us = {name: before[name] for name in report.tuned if name in before}
     report.records_remeasured = remeasured
     report.seconds = time.monotonic() - start
     return report
