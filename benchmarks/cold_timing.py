@@ -23,7 +23,7 @@ import sys
 
 os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-from kernel_breakdown import kernel_workload
+from kernel_breakdown import kernel_samples, kernel_workload
 from tvm.s_tir import meta_schedule as ms
 
 import cosched
@@ -56,12 +56,10 @@ def in_model_us(bundle, inputs, repeat: int) -> tuple[dict[str, float], float]:
     """Median microseconds per call of each workload's kernels in the model's profiles, and the
     milliseconds of all kernels per inference (each kernel's median summed): medians, as one run in
     ten on this shared machine can take twice as long."""
+    per_kernel, funcs, _ = kernel_samples(bundle, inputs, repeat)
     samples: dict[str, list[float]] = collections.defaultdict(list)
-    per_kernel: dict[int, list[float]] = collections.defaultdict(list)
-    for _ in range(repeat):
-        for event in bundle.profile(inputs).events:
-            samples[kernel_workload(event.func)].append(event.end_us - event.start_us)
-            per_kernel[event.kernel].append(event.end_us - event.start_us)
+    for kernel, times in per_kernel.items():
+        samples[kernel_workload(funcs[kernel])] += times
     total_ms = sum(statistics.median(v) for v in per_kernel.values()) / 1e3
     return {f: statistics.median(v) for f, v in samples.items()}, total_ms
 

@@ -34,30 +34,37 @@ from cosched.compare import MIXES, load_models, make_inputs, shipped_database
 from cosched.target import host_target
 
 
-def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], dict[tuple, list], float, int]:
-    """Milliseconds per inference by kernel kind and by convolution shape (``conv_shapes``: count,
-    milliseconds, workloads), the span from first start to last end, the kernel count: each kernel's
-    median over the runs."""
-    shapes = conv_shapes(bundle.schedule)
+def kernel_samples(bundle, inputs, repeat: int) -> tuple[dict[int, list[float]], dict[int, str], list[float]]:
+    """``repeat`` profiled runs: each kernel's microseconds per run, its function name, and each
+    run's span (first start to last end) in microseconds."""
     times: dict[int, list[float]] = collections.defaultdict(list)
     funcs: dict[int, str] = {}
     spans = []
     for _ in range(repeat):
         trace = bundle.profile(inputs)
-        spans.append(trace.span_us / 1e3)
+        spans.append(trace.span_us)
         for event in trace.events:
-            times[event.kernel].append((event.end_us - event.start_us) / 1e3)
+            times[event.kernel].append(event.end_us - event.start_us)
             funcs[event.kernel] = event.func
+    return dict(times), funcs, spans
+
+
+def tvm_kinds(bundle, inputs, repeat: int) -> tuple[dict[str, float], dict[tuple, list], float, int]:
+    """Milliseconds per inference by kernel kind and by convolution shape (``conv_shapes``: count,
+    milliseconds, workloads), the span from first start to last end, the kernel count: each kernel's
+    median over the runs."""
+    shapes = conv_shapes(bundle.schedule)
+    times, funcs, spans = kernel_samples(bundle, inputs, repeat)
     kinds: dict[str, float] = collections.defaultdict(float)
     convs: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0, set()])
     for kernel, samples in times.items():
-        ms = statistics.median(samples)
+        ms = statistics.median(samples) / 1e3
         kinds[kernel_kind(funcs[kernel])] += ms
         if kernel in shapes:
             convs[shapes[kernel]][0] += 1
             convs[shapes[kernel]][1] += ms
             convs[shapes[kernel]][2].add(kernel_workload(funcs[kernel]))
-    return dict(kinds), dict(convs), statistics.median(spans), len(times)
+    return dict(kinds), dict(convs), statistics.median(spans) / 1e3, len(times)
 
 
 def conv_shapes(schedule) -> dict[int, tuple[int, int]]:
