@@ -8,7 +8,7 @@ mix's shipped database built once and timed by MetaSchedule's runner on all core
 ``warm`` (the default EvaluatorConfig: runs repeated for 100 ms), ``flush-per-100ms`` (the default
 with ``enable_cpu_cache_flush``, as ``cosched tune --cache-flush`` timed until 2026-11-24: TVM
 flushes once per repeat, so all runs but the first are warm) and ``cold``
-(``tuning.cold_evaluator()``: one run per flush). ``in model``: the same kernel's median time in
+(``tuning_measure.cold_evaluator()``: one run per flush). ``in model``: the same kernel's median time in
 ``Bundle.profile`` of the model alone, compiled with that database (a mean until 2026-11-24, which
 the runs a neighbour slowed pulled up: ResNet-50's kernels summed 22.0 ms in the model that way, and
 19.2-19.4 ms as medians in ``kernel_breakdown.py``'s profiles on the same database).
@@ -27,7 +27,7 @@ from kernel_breakdown import kernel_samples, kernel_workload
 from tvm.s_tir import meta_schedule as ms
 
 import cosched
-from cosched import bench, tuning
+from cosched import bench, tuning, tuning_db, tuning_measure
 from cosched.compare import MIXES, load_mix, make_inputs
 from cosched.passes import LowerKernels
 from cosched.target import host_target
@@ -35,19 +35,21 @@ from cosched.target import host_target
 CONFIGS = {
     "warm": ms.runner.EvaluatorConfig(),
     "flush-per-100ms": ms.runner.EvaluatorConfig(enable_cpu_cache_flush=True),
-    "cold": tuning.cold_evaluator(),
+    "cold": tuning_measure.cold_evaluator(),
 }
 
 
 def time_records(records, target, cores: int) -> dict[str, list[float | None]]:
     """Microseconds per run of each record under each of ``CONFIGS``."""
     runners = [
-        ms.runner.LocalRunner(evaluator_config=c, initializer=functools.partial(tuning._measure_on_threads, cores))
+        ms.runner.LocalRunner(
+            evaluator_config=c, initializer=functools.partial(tuning_measure._measure_on_threads, cores)
+        )
         for c in CONFIGS.values()
     ]
-    timed = tuning.time_records(records, target, cores, runners)
+    timed = tuning_measure.time_records(records, target, cores, runners)
     return {
-        name: [None if isinstance(r, str) else tuning._mean_us(r) for r in results]
+        name: [None if isinstance(r, str) else tuning_measure.mean_us(r) for r in results]
         for name, results in zip(CONFIGS, timed, strict=True)
     }
 
@@ -72,15 +74,15 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=10, help="profiled runs of the model")
     args = parser.parse_args()
     target = host_target()
-    cores = tuning._num_cores(target)
+    cores = tuning_measure.num_cores(target)
     database, _, tenants = load_mix(args.mix)
     tenant = next(t for t in tenants if t.name == args.model)
     tasks = tuning.extract_tasks([LowerKernels(target)(tenant.mod)], target, [tenant.name])
-    db = tuning.open_database(database)
-    tasks = [t for t in tasks if tuning._best_us(db, t) is not None]
-    tasks.sort(key=lambda t: -t.weight * tuning._best_us(db, t))
+    db = tuning_db.open_database(database)
+    tasks = [t for t in tasks if tuning_db.best_us(db, t) is not None]
+    tasks.sort(key=lambda t: -t.weight * tuning_db.best_us(db, t))
     tasks = tasks[: args.top]
-    times = time_records([tuning._best_record(db, t) for t in tasks], target, cores)
+    times = time_records([tuning_db.best_record(db, t) for t in tasks], target, cores)
     bundle = cosched.compile([tenant], database=database, cores=cores)
     model, model_ms = in_model_us(bundle, make_inputs([tenant]), args.repeat)
 
@@ -88,7 +90,9 @@ def main() -> int:
     print(
         f"database: {database}; {args.model}'s {len(tasks)} costliest workloads; in model: {args.repeat} profiled runs"
     )
-    print(f"cold: {tuning.COLD_RUNS} runs, each after a flush; others: MetaSchedule's default (runs for 100 ms)")
+    print(
+        f"cold: {tuning_measure.COLD_RUNS} runs, each after a flush; others: MetaSchedule's default (runs for 100 ms)"
+    )
     heads = [*CONFIGS, "in model"]
     print(f"{'workload (us per call)':<42} {'n':>2} " + " ".join(f"{h:>15}" for h in heads) + "  cold/warm model/warm")
     sums = dict.fromkeys(heads, 0.0)

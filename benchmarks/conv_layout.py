@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from cosched import bench, tuning
+from cosched import bench, tuning, tuning_db
 from cosched.models import graph_model
 from cosched.passes import LowerKernels
 from cosched.target import host_target
@@ -67,8 +67,8 @@ def tuned_ms(model: onnx.ModelProto, channels_last: bool, trials: int, target) -
     lowered = LowerKernels(target, channels_last=channels_last)(load_onnx(model, name="conv").mod)
     with tempfile.TemporaryDirectory() as work_dir:
         tuning.tune_modules([lowered], target, work_dir, trials_per_task=trials, progress=False, patience=None)
-        database = tuning.open_database(work_dir)
-        best = {t.name: tuning._best_us(database, t) / 1e3 for t in tuning.extract_tasks([lowered], target)}
+        database = tuning_db.open_database(work_dir)
+        best = {t.name: tuning_db.best_us(database, t) / 1e3 for t in tuning.extract_tasks([lowered], target)}
     conv = sum(v for k, v in best.items() if "conv" in k)
     return conv, sum(v for k, v in best.items() if "conv" not in k)
 

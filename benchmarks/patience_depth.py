@@ -28,18 +28,8 @@ from cosched import bench
 from cosched.compare import load_models
 from cosched.passes import LowerKernels
 from cosched.target import host_target
-from cosched.tuning import (
-    META_FILE,
-    MIN_GAIN,
-    RECORD_FILE,
-    WORKLOAD_FILE,
-    compact_database,
-    depth_patience,
-    early_stop_step,
-    extract_tasks,
-    open_database,
-    tune_modules,
-)
+from cosched.tuning import MIN_GAIN, depth_patience, early_stop_step, extract_tasks, tune_modules
+from cosched.tuning_db import META_FILE, RECORD_FILE, WORKLOAD_FILE, compact_database, open_database
 
 
 def replay(start_us: float, times_us: list[float], patience: int) -> tuple[int, float]:

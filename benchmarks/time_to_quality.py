@@ -24,7 +24,8 @@ from cosched import bench
 from cosched.compare import load_models, make_inputs
 from cosched.passes import LowerKernels
 from cosched.target import host_target
-from cosched.tuning import compact_database, open_database, trial_ladder, tune_modules
+from cosched.tuning import trial_ladder, tune_modules
+from cosched.tuning_db import compact_database, open_database
 
 STEPS = trial_ladder(2, 32)
 """Trials per task as ``cosched.tune`` climbs them, raised once every task has the current number."""

@@ -8,7 +8,7 @@ import tvm
 from onnx import helper, numpy_helper
 from tvm import te
 
-from cosched import tuning
+from cosched import tuning, tuning_db
 from cosched.injective_schedule import injective_candidates
 from cosched.models import graph_model
 from cosched.passes import LowerKernels
@@ -91,7 +91,7 @@ def test_tuning_measures_them_once_also_in_a_database_tuned_before(tmp_path):
     mod = LowerKernels(TARGET)(tenant.mod)
     first = tuning.tune([tenant], TARGET, tmp_path, trials=2, progress=False)
     assert first.trials_injective >= 1
-    meta_path = tmp_path / tuning.META_FILE
+    meta_path = tmp_path / tuning_db.META_FILE
     meta = json.loads(meta_path.read_text())
     assert meta["injective"]
     # Complete, candidates measured: nothing to do.

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from cosched import tuning
+from cosched import tuning, tuning_db, tuning_measure
 from cosched.errors import CoschedError
 from cosched.models import graph_model
 from cosched.passes import LowerKernels
@@ -65,7 +65,7 @@ def lowered_modules() -> list[tvm.IRModule]:
 def records_by_workload(work_dir: Path) -> dict[int, int]:
     """Record count per workload index, straight from the JSON lines."""
     counts: dict[int, int] = {}
-    for line in (work_dir / tuning.RECORD_FILE).read_text().splitlines():
+    for line in (work_dir / tuning_db.RECORD_FILE).read_text().splitlines():
         if line.strip():
             index = json.loads(line)[0]
             counts[index] = counts.get(index, 0) + 1
@@ -98,13 +98,13 @@ def test_shared_workload_tuned_once(tuned):
     assert (report.tasks_total, report.tasks_deduped, report.dedup_saved) == (3, 2, 1)
     assert report.tasks_tuned == 2 and report.trials_run == 2
     # One workload entry and one record per distinct task: the shared conv was not tuned twice.
-    workloads = (work_dir / tuning.WORKLOAD_FILE).read_text().splitlines()
+    workloads = (work_dir / tuning_db.WORKLOAD_FILE).read_text().splitlines()
     assert len(workloads) == 2
     assert sorted(records_by_workload(work_dir).values()) == [1, 1]
     assert len(report.best_us) == 2 and all(us > 0 for us in report.best_us.values())
-    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    meta = json.loads((work_dir / tuning_db.META_FILE).read_text())
     assert meta["target"] == {"kind": "llvm", "mcpu": TARGET.attrs["mcpu"]}
-    tuning.check_database(work_dir, TARGET)
+    tuning_db.check_database(work_dir, TARGET)
 
 
 def test_database_applies(tuned, mods):
@@ -130,22 +130,22 @@ def test_wrong_target_refused(tuned, mods, tmp_path):
         {"kind": "llvm", "mcpu": "cascadelake" if TARGET.attrs["mcpu"] != "cascadelake" else "znver4", "num-cores": 2}
     )
     with pytest.raises(CoschedError, match="tuned for"):
-        tuning.check_database(work_dir, other)
+        tuning_db.check_database(work_dir, other)
     with pytest.raises(CoschedError, match="tuned for"):
         tuning.tune_modules(mods, other, work_dir, trials_per_task=1, progress=False)
     with pytest.raises(CoschedError, match="no tuning database"):
-        tuning.check_database(tmp_path / "missing", TARGET)
-    shutil.copy(work_dir / tuning.WORKLOAD_FILE, tmp_path / tuning.WORKLOAD_FILE)
-    shutil.copy(work_dir / tuning.RECORD_FILE, tmp_path / tuning.RECORD_FILE)
+        tuning_db.check_database(tmp_path / "missing", TARGET)
+    shutil.copy(work_dir / tuning_db.WORKLOAD_FILE, tmp_path / tuning_db.WORKLOAD_FILE)
+    shutil.copy(work_dir / tuning_db.RECORD_FILE, tmp_path / tuning_db.RECORD_FILE)
     with pytest.raises(CoschedError, match="target is unknown"):
-        tuning.check_database(tmp_path, TARGET)
+        tuning_db.check_database(tmp_path, TARGET)
 
 
 def test_compact_keeps_best_and_done(tuned, mods, tmp_path):
     work_dir, report = tuned
     copy = tmp_path / "db"
     shutil.copytree(work_dir, copy)
-    assert tuning.compact_database(copy) == 2
+    assert tuning_db.compact_database(copy) == 2
     again = tuning.tune_modules(mods, TARGET, copy, trials_per_task=1, names=NAMES, progress=False)
     assert again.tasks_tuned == 0 and again.trials_run == 0 and again.tasks_skipped == 2
     assert again.best_us == pytest.approx(report.best_us)
@@ -157,9 +157,9 @@ def test_compact_keep_drops_other_workloads(tuned, mods, tmp_path):
     shutil.copytree(work_dir, copy)
     tasks = tuning.extract_tasks(mods, TARGET, NAMES)
     shared = [t for t in tasks if len(t.users) == 2]
-    assert tuning.compact_database(copy, keep=shared) == 1
-    assert len((copy / tuning.WORKLOAD_FILE).read_text().splitlines()) == 1
-    meta = json.loads((copy / tuning.META_FILE).read_text())
+    assert tuning_db.compact_database(copy, keep=shared) == 1
+    assert len((copy / tuning_db.WORKLOAD_FILE).read_text().splitlines()) == 1
+    meta = json.loads((copy / tuning_db.META_FILE).read_text())
     assert list(meta["trials"]) == [shared[0].key]
     # The kept workload is still done and keeps its best; the dropped one is tuned again.
     again = tuning.tune_modules(mods, TARGET, copy, trials_per_task=1, names=NAMES, progress=False)
@@ -174,10 +174,10 @@ def test_measured_time_decides_the_order_once_every_kernel_has_a_record(tuned, m
     tasks = sorted(tuning.extract_tasks(mods, TARGET, NAMES), key=lambda t: t.cost, reverse=True)
     # Pretend the kernel with fewer FLOPs measured slower: it must get the next trial.
     slow = {tasks[0].key: 1.0, tasks[1].key: 1000.0}
-    monkeypatch.setattr(tuning, "_best_us", lambda db, task: slow[task.key])
+    monkeypatch.setattr(tuning, "best_us", lambda db, task: slow[task.key])
     report = tuning.tune_modules(mods, TARGET, copy, trials_per_task=2, names=NAMES, progress=False, max_tasks=1)
     assert report.tasks_tuned == 1
-    counts = tuning._records_per_workload(tuning.open_database(copy), tasks)
+    counts = tuning_db.records_per_workload(tuning_db.open_database(copy), tasks)
     assert (counts[tasks[0].key], counts[tasks[1].key]) == (1, 2)
 
 
@@ -197,7 +197,7 @@ def test_killed_run_resumes(tmp_path):
         [sys.executable, "-c", _CHILD.format(repo=str(REPO), work_dir=str(work_dir))],
         env={**os.environ, "TVM_BIND_THREADS": "0"},
     )
-    meta_file = work_dir / tuning.META_FILE
+    meta_file = work_dir / tuning_db.META_FILE
     finished: dict = {}
     deadline = time.monotonic() + 120
     try:
@@ -211,7 +211,7 @@ def test_killed_run_resumes(tmp_path):
     assert finished, "the tuning process finished no task"
     before = records_by_workload(work_dir)
     # A kill mid-write leaves half a line; the database must still open.
-    with open(work_dir / tuning.RECORD_FILE, "a") as f:
+    with open(work_dir / tuning_db.RECORD_FILE, "a") as f:
         f.write('[0, [[["half a record"')
 
     report = tuning.tune_modules(lowered_modules(), TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
@@ -360,10 +360,10 @@ def test_cache_flush_reaches_the_runner(mods, tmp_path, monkeypatch):
 
 def test_cold_timing_flushes_before_every_timed_run():
     """TVM flushes once per repeat and a repeat runs for ``min_repeat_ms``: cold means one run per repeat."""
-    config = tuning.cold_evaluator()
+    config = tuning_measure.cold_evaluator()
     assert config.enable_cpu_cache_flush
     assert config.number == 1 and config.min_repeat_ms == 0  # no warm runs after the flush
-    assert config.repeat == tuning.COLD_RUNS > 1  # the mean of several cold runs, not one
+    assert config.repeat == tuning_measure.COLD_RUNS > 1  # the mean of several cold runs, not one
 
 
 def test_trial_ladder_covers_every_workload_before_going_deeper():
@@ -392,9 +392,9 @@ def test_max_tasks_tunes_only_the_costliest(tmp_path):
     report = tuning.tune(tenants, TARGET, tmp_path, trials=1, progress=False, patience=None, max_tasks=1)
     tasks = tuning.extract_tasks([LowerKernels(TARGET)(t.mod) for t in tenants], TARGET, NAMES)
     costliest = max(tasks, key=lambda t: t.cost)
-    db = tuning.open_database(tmp_path)
+    db = tuning_db.open_database(tmp_path)
     assert report.trials_run == 1 and report.tasks_left == len(tasks) - 1
-    assert [t.name for t in tasks if tuning._best_us(db, t) is not None] == [costliest.name]
+    assert [t.name for t in tasks if tuning_db.best_us(db, t) is not None] == [costliest.name]
 
 
 def test_kernels_tunes_only_the_named_workloads(tmp_path):
@@ -407,11 +407,11 @@ def test_kernels_tunes_only_the_named_workloads(tmp_path):
     chosen = convs[0]  # the cheaper: not what cost order would pick
     kernel = chosen.name.split(".", 1)[1]
     report = tuning.tune(tenants, TARGET, tmp_path, trials=1, progress=False, patience=None, kernels=[kernel])
-    db = tuning.open_database(tmp_path)
+    db = tuning_db.open_database(tmp_path)
     assert report.trials_run == 1 and report.tuned == [chosen.name] and report.tasks_tuned == 1
-    assert [t.name for t in tasks if tuning._best_us(db, t) is not None] == [chosen.name]
+    assert [t.name for t in tasks if tuning_db.best_us(db, t) is not None] == [chosen.name]
     assert report.best_before_us == {}
-    first = tuning._best_us(db, chosen)
+    first = tuning_db.best_us(db, chosen)
     again = tuning.tune(tenants, TARGET, tmp_path, trials=2, progress=False, patience=None, kernels=[kernel])
     assert again.tuned == [chosen.name] and again.best_before_us == {chosen.name: first}
     assert again.best_us[chosen.name] <= first
@@ -480,7 +480,7 @@ def assert_tuned_computes_as_untuned(tenant, database: Path, shape: tuple[int, .
 
 def test_runner_times_candidates_on_the_target_cores():
     """TVM's pool defaults to half the cores: the runner's worker must be told the target's count."""
-    runner = tuning._local_runner(3, cache_flush=False)
+    runner = tuning_measure.local_runner(3, cache_flush=False)
     try:
         assert runner.pool.submit(os.getenv, "TVM_NUM_THREADS").result() == "3"
     finally:
@@ -489,26 +489,26 @@ def test_runner_times_candidates_on_the_target_cores():
 
 def _as_measured_elsewhere(work_dir: Path, secs: float) -> None:
     """Make ``work_dir`` look tuned before cosched recorded the thread count, each record timed at ``secs``."""
-    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    meta = json.loads((work_dir / tuning_db.META_FILE).read_text())
     del meta["threads"]
-    (work_dir / tuning.META_FILE).write_text(json.dumps(meta))
+    (work_dir / tuning_db.META_FILE).write_text(json.dumps(meta))
     lines = []
-    for line in (work_dir / tuning.RECORD_FILE).read_text().splitlines():
+    for line in (work_dir / tuning_db.RECORD_FILE).read_text().splitlines():
         rec = json.loads(line)
         rec[1][1] = [secs]
         lines.append(json.dumps(rec))
-    (work_dir / tuning.RECORD_FILE).write_text("\n".join(lines) + "\n")
+    (work_dir / tuning_db.RECORD_FILE).write_text("\n".join(lines) + "\n")
 
 
 def test_database_measured_on_other_threads_is_timed_again(tuned, mods, tmp_path):
     work_dir = tmp_path / "db"
     shutil.copytree(tuned[0], work_dir)
-    assert json.loads((work_dir / tuning.META_FILE).read_text())["threads"] == tuning._num_cores(TARGET)
+    assert json.loads((work_dir / tuning_db.META_FILE).read_text())["threads"] == tuning_measure.num_cores(TARGET)
     _as_measured_elsewhere(work_dir, 1.0)
     report = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
     assert report.records_remeasured == 2 and report.trials_run == 0  # timed again, not tuned again
     assert all(us < 1e5 for us in report.best_us.values())  # the stale 1 s timings are gone
-    assert json.loads((work_dir / tuning.META_FILE).read_text())["threads"] == tuning._num_cores(TARGET)
+    assert json.loads((work_dir / tuning_db.META_FILE).read_text())["threads"] == tuning_measure.num_cores(TARGET)
     assert sorted(records_by_workload(work_dir).values()) == [1, 1]
     again = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
     assert again.records_remeasured == 0
@@ -518,7 +518,7 @@ def test_database_timed_warm_is_timed_again_before_tuning_with_cache_flush(tuned
     """Cold timings are slower than warm ones: mixed in one database, the warm records would always win."""
     work_dir = tmp_path / "db"
     shutil.copytree(tuned[0], work_dir)
-    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    meta = json.loads((work_dir / tuning_db.META_FILE).read_text())
     assert meta["cache_flush"] is False
     configs = _record_runner_configs(monkeypatch)
     report = tuning.tune_modules(
@@ -526,7 +526,7 @@ def test_database_timed_warm_is_timed_again_before_tuning_with_cache_flush(tuned
     )
     assert report.records_remeasured == 2 and report.trials_run == 0
     assert configs and configs[0].enable_cpu_cache_flush  # the records were timed cold
-    assert json.loads((work_dir / tuning.META_FILE).read_text())["cache_flush"] is True
+    assert json.loads((work_dir / tuning_db.META_FILE).read_text())["cache_flush"] is True
     again = tuning.tune_modules(
         mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
     )
@@ -534,8 +534,8 @@ def test_database_timed_warm_is_timed_again_before_tuning_with_cache_flush(tuned
     # And back: tuning warm times them warm again.
     warm = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
     assert warm.records_remeasured == 2
-    assert json.loads((work_dir / tuning.META_FILE).read_text())["cache_flush"] is False
-    db = tuning.open_database(work_dir)
+    assert json.loads((work_dir / tuning_db.META_FILE).read_text())["cache_flush"] is False
+    db = tuning_db.open_database(work_dir)
     with pytest.raises(CoschedError, match="cache flush"):
         tuning.tune_modules(mods, TARGET, work_dir, names=NAMES, progress=False, database=db, cache_flush=True)
 
@@ -544,30 +544,30 @@ def test_database_flushed_once_per_repeat_is_timed_again_cold(tuned, mods, tmp_p
     """Before ``cold_evaluator`` a database tuned with cache flush was timed warm: it is timed again."""
     work_dir = tmp_path / "db"
     shutil.copytree(tuned[0], work_dir)
-    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    meta = json.loads((work_dir / tuning_db.META_FILE).read_text())
     meta["cache_flush"] = True  # as cosched wrote it then: no cold_runs
-    (work_dir / tuning.META_FILE).write_text(json.dumps(meta))
+    (work_dir / tuning_db.META_FILE).write_text(json.dumps(meta))
     configs = _record_runner_configs(monkeypatch)
     report = tuning.tune_modules(
         mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False, cache_flush=True
     )
     assert report.records_remeasured == 2 and report.trials_run == 0
     assert configs[0].number == 1 and configs[0].min_repeat_ms == 0
-    meta = json.loads((work_dir / tuning.META_FILE).read_text())
-    assert meta["cache_flush"] is True and meta["cold_runs"] == tuning.COLD_RUNS
+    meta = json.loads((work_dir / tuning_db.META_FILE).read_text())
+    assert meta["cache_flush"] is True and meta["cold_runs"] == tuning_measure.COLD_RUNS
     warm = tuning.tune_modules(mods, TARGET, work_dir, trials_per_task=1, names=NAMES, progress=False)
     assert warm.records_remeasured == 2
-    assert "cold_runs" not in json.loads((work_dir / tuning.META_FILE).read_text())
+    assert "cold_runs" not in json.loads((work_dir / tuning_db.META_FILE).read_text())
 
 
 def test_remeasure_that_times_nothing_leaves_the_database(tuned, tmp_path, monkeypatch):
     work_dir = tmp_path / "db"
     shutil.copytree(tuned[0], work_dir)
     _as_measured_elsewhere(work_dir, 1.0)
-    before = {f: (work_dir / f).read_bytes() for f in (tuning.RECORD_FILE, tuning.META_FILE)}
-    monkeypatch.setattr(tuning, "_mean_us", lambda result: None)  # every run failed
+    before = {f: (work_dir / f).read_bytes() for f in (tuning_db.RECORD_FILE, tuning_db.META_FILE)}
+    monkeypatch.setattr(tuning_measure, "mean_us", lambda result: None)  # every run failed
     with pytest.raises(CoschedError, match="could be timed again"):
-        tuning.remeasure_database(work_dir, TARGET)
+        tuning_measure.remeasure_database(work_dir, TARGET)
     assert {f: (work_dir / f).read_bytes() for f in before} == before
 
 
@@ -576,13 +576,13 @@ def test_a_database_starts_from_another_cpus_records(tuned, mods, tmp_path):
     source = tmp_path / "other_cpu"
     shutil.copytree(tuned[0], source)
     other = "cascadelake" if TARGET.attrs["mcpu"] != "cascadelake" else "znver4"
-    meta = json.loads((source / tuning.META_FILE).read_text())
+    meta = json.loads((source / tuning_db.META_FILE).read_text())
     meta["target"] = {"kind": "llvm", "mcpu": other}
-    (source / tuning.META_FILE).write_text(json.dumps(meta))
+    (source / tuning_db.META_FILE).write_text(json.dumps(meta))
     _as_measured_elsewhere(source, 1.0)
-    before = {f: (source / f).read_bytes() for f in (tuning.RECORD_FILE, tuning.META_FILE)}
+    before = {f: (source / f).read_bytes() for f in (tuning_db.RECORD_FILE, tuning_db.META_FILE)}
     with pytest.raises(CoschedError, match="tuned for"):
-        tuning.check_database(source, TARGET)  # as it is, it is refused for this CPU
+        tuning_db.check_database(source, TARGET)  # as it is, it is refused for this CPU
 
     work_dir = tmp_path / "here"
     report = tuning.tune_modules(
@@ -592,10 +592,10 @@ def test_a_database_starts_from_another_cpus_records(tuned, mods, tmp_path):
     assert report.trials_run == 2  # trial counts are not carried over: each workload is tuned on
     assert all(us < 1e5 for us in report.best_us.values())  # the other CPU's 1 s timings are gone
     assert sorted(records_by_workload(work_dir).values()) == [2, 2]
-    meta = json.loads((work_dir / tuning.META_FILE).read_text())
+    meta = json.loads((work_dir / tuning_db.META_FILE).read_text())
     assert meta["started_from"] == {"path": str(source), "target": {"kind": "llvm", "mcpu": other}}
-    assert meta["threads"] == tuning._num_cores(TARGET)
-    tuning.check_database(work_dir, TARGET)
+    assert meta["threads"] == tuning_measure.num_cores(TARGET)
+    tuning_db.check_database(work_dir, TARGET)
     assert {f: (source / f).read_bytes() for f in before} == before
 
     # A rerun resumes its own records rather than starting over.
@@ -605,12 +605,12 @@ def test_a_database_starts_from_another_cpus_records(tuned, mods, tmp_path):
     assert (again.records_remeasured, again.trials_run) == (0, 0)
     assert sorted(records_by_workload(work_dir).values()) == [2, 2]
 
-    cuda = {**json.loads(before[tuning.META_FILE]), "target": {"kind": "cuda", "arch": "sm_90"}}
-    (source / tuning.META_FILE).write_text(json.dumps(cuda))
+    cuda = {**json.loads(before[tuning_db.META_FILE]), "target": {"kind": "cuda", "arch": "sm_90"}}
+    (source / tuning_db.META_FILE).write_text(json.dumps(cuda))
     with pytest.raises(CoschedError, match="same kind of device"):
         tuning.tune_modules(mods, TARGET, tmp_path / "fresh", trials_per_task=1, progress=False, start_from=source)
     with pytest.raises(CoschedError, match="no tuning database"):
         tuning.tune_modules(
             mods, TARGET, tmp_path / "fresh", trials_per_task=1, progress=False, start_from=tmp_path / "missing"
         )
-    assert not (tmp_path / "fresh" / tuning.RECORD_FILE).exists()
+    assert not (tmp_path / "fresh" / tuning_db.RECORD_FILE).exists()

@@ -164,7 +164,7 @@ def demo(out: Path, threads: int | None = None, repeat: int = 10) -> int:
     from .reference import AloneRunner
     from .target import host_cpu, host_target
     from .tenant import load_onnx
-    from .tuning import check_database
+    from .tuning_db import check_database
 
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(DEMO_MIX)

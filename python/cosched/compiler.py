@@ -48,7 +48,7 @@ def lower_tenants(
     from cosched.passes import LowerKernels, MergeTenants, stack_tenants
 
     if database is not None:
-        from .tuning import check_database
+        from .tuning_db import check_database
 
         check_database(database, target)
     seq = tvm.transform.Sequential(

@@ -16,7 +16,7 @@ def compile_alone(tenant: Tenant, target: tvm.target.Target, database: str | Pat
     from cosched.passes import LowerKernels
 
     if database is not None:
-        from .tuning import check_database
+        from .tuning_db import check_database
 
         check_database(database, target)
     return tvm.compile(LowerKernels(target, database)(tenant.mod), target=target)

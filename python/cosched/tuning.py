@@ -5,9 +5,8 @@ is tuned once, with the summed weight of its callers. Tasks are tuned one at a t
 first, so a time budget goes where the latency is, and every finished measurement is already on
 disk: an interrupted run loses nothing and a rerun resumes where it stopped.
 
-The database is MetaSchedule's ``JSONDatabase`` (``database_workload.json`` and
-``database_tuning_record.json``) plus ``cosched_target.json``, which names the target it was tuned
-for and how many trials each workload has had. Apply it with::
+The database on disk is ``cosched.tuning_db``'s; candidates are built and timed by
+``cosched.tuning_measure``. Apply a database with::
 
     with target, ms.database.JSONDatabase(work_dir=work_dir):
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
@@ -15,48 +14,63 @@ for and how many trials each workload has had. Apply it with::
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import functools
-import importlib
-import importlib.util
-import json
 import logging
 import math
 import os
-import platform
 import re
-import shutil
-import struct
-import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import tvm
 import tvm_ffi
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
-from tvm.s_tir.meta_schedule.builder.local_builder import default_export
 from tvm.s_tir.meta_schedule.utils import shash2hex
-from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from .errors import CoschedError
 from .injective_schedule import injective_candidates
 from .target import target_key
+from .tuning_db import (
+    META_FILE,
+    best_record,
+    best_us,
+    check_database,
+    compact_database,
+    has_records,
+    open_database,
+    read_meta,
+    records_per_workload,
+    start_database,
+    write_meta,
+)
+from .tuning_measure import (
+    PooledBuilder,
+    cpu_intrinsics_only,
+    local_runner,
+    mean_us,
+    num_cores,
+    remeasure_database,
+    set_timed_as,
+    timed_as,
+)
 
 logger = logging.getLogger(__name__)
 
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-META_FILE = "cosched_target.json"
-
-# Records with this run time (or more) are MetaSchedule's marker for a failed build or run.
-_FAILED_SECS = 1e9
+__all__ = [
+    "MIN_GAIN",
+    "SearchSize",
+    "TaskInfo",
+    "TuneReport",
+    "depth_patience",
+    "early_stop_step",
+    "extract_tasks",
+    "trial_ladder",
+    "tune",
+    "tune_modules",
+]
 
 
 @dataclass
@@ -186,274 +200,6 @@ def extract_tasks(
 
 
 # ----------------------------------------------------------------------------------------------
-# The database directory
-
-
-def _read_meta(work_dir: Path) -> dict:
-    try:
-        return json.loads((work_dir / META_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_meta(work_dir: Path, meta: dict) -> None:
-    # Write-then-rename: a kill mid-write must not leave a half file that hides the target.
-    fd, tmp = tempfile.mkstemp(dir=work_dir, prefix=".meta", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the database is meant to be shipped
-    os.replace(tmp, work_dir / META_FILE)
-
-
-def check_database(work_dir: str | os.PathLike, target: tvm.target.Target) -> None:
-    """Raise ``CoschedError`` unless ``work_dir`` holds a database tuned for ``target``.
-
-    Records tuned for another CPU (or kind of device) would apply silently and run slowly, or not
-    at all, so a mismatch of ``target_key`` (kind, mcpu, arch, mattr) is refused.
-    """
-    path = Path(work_dir)
-    if not path.is_dir():
-        raise CoschedError(
-            f"no tuning database at {path}",
-            hint="run cosched.tuning.tune_modules first, or pass the directory that holds database_workload.json",
-        )
-    missing = [f for f in (WORKLOAD_FILE, RECORD_FILE, META_FILE) if not (path / f).is_file()]
-    if missing == [META_FILE]:
-        raise CoschedError(
-            f"the tuning database at {path} has no {META_FILE}, so its target is unknown",
-            hint="tune it again with cosched.tuning.tune_modules, which records the target",
-        )
-    if missing:
-        raise CoschedError(
-            f"the tuning database at {path} lacks {', '.join(missing)}",
-            hint="tune into this directory with cosched.tuning.tune_modules (it resumes what is there)",
-        )
-    tuned_for = _read_meta(path).get("target")
-    if not isinstance(tuned_for, dict):
-        raise CoschedError(f"{path / META_FILE} is unreadable", hint="tune again into a fresh directory")
-    wanted = target_key(target)
-    if tuned_for != wanted:
-        raise CoschedError(
-            f"the database at {path} was tuned for {tuned_for}, not for {wanted}",
-            hint="tune for this target into another directory (tune_modules), "
-            "or compile for the target the database was tuned for",
-        )
-
-
-def _repair_truncated(path: Path) -> None:
-    """Drop a partial last line left by a kill during a write; JSONDatabase cannot parse it."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    head, _, tail = data.rpartition(b"\n")
-    try:
-        json.loads(tail)
-        path.write_bytes(data + b"\n")
-    except ValueError:
-        logger.warning("dropping a truncated record at the end of %s", path)
-        path.write_bytes(head + b"\n" if head else b"")
-
-
-def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
-    """The ``JSONDatabase`` in ``work_dir``, a line cut short by a kill dropped first.
-
-    Opening replays every record's trace on its workload (about 3 ms per record on the DenseNet
-    mix), so one run should open it once (``tune_modules(database=...)``).
-    """
-    work_dir = Path(work_dir)
-    for name in (WORKLOAD_FILE, RECORD_FILE):
-        _repair_truncated(work_dir / name)
-    return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
-
-
-def _records_per_workload(db: ms.database.Database, tasks: Sequence[TaskInfo]) -> dict[str, int]:
-    """How many records (failed ones included) the database holds for each task's workload."""
-    known = {t.key: db.commit_workload(t.mod) for t in tasks if db.has_workload(t.mod)}
-    counts = dict.fromkeys((t.key for t in tasks), 0)
-    # JSONDatabase shares one Workload object among its records, so identity finds them.
-    for rec in db.get_all_tuning_records():
-        for key, wl in known.items():
-            if rec.workload.same_as(wl):
-                counts[key] += 1
-                break
-    return counts
-
-
-def _best_record(db: ms.database.Database, task: TaskInfo) -> ms.database.TuningRecord | None:
-    """The fastest valid record of the task's workload, if the database has one."""
-    # has_workload first: commit_workload would add an unknown workload to the database.
-    top = db.get_top_k(db.commit_workload(task.mod), 1) if db.has_workload(task.mod) else []
-    return top[0] if top else None
-
-
-def _best_us(db: ms.database.Database, task: TaskInfo) -> float | None:
-    best = _best_record(db, task)
-    if best is None:
-        return None
-    secs = [float(s) for s in best.run_secs]
-    return sum(secs) / len(secs) * 1e6
-
-
-def _minify_workload(line: str) -> str:
-    """One line of the workload table with its IR's JSON unindented (about half the size).
-
-    A line is ``[shash, base64(u64 length + JSON of the IRModule)]``; TVM writes that JSON
-    indented. The parser does not care, so the same document without whitespace loads the same.
-    """
-    shash, blob = json.loads(line)
-    raw = base64.b64decode(blob)
-    (length,) = struct.unpack("<Q", raw[:8])
-    if length != len(raw) - 8:
-        return line  # not the layout this was written for: leave it alone
-    text = json.dumps(json.loads(raw[8:]), separators=(",", ":")).encode()
-    return json.dumps([shash, base64.b64encode(struct.pack("<Q", len(text)) + text).decode()])
-
-
-def _install_database(tmp: Path, path: Path) -> None:
-    """Move a database's two files, written complete under ``tmp``, into ``path`` (workloads first)."""
-    for name in (WORKLOAD_FILE, RECORD_FILE):
-        os.chmod(tmp / name, 0o644)  # temporary files are private; the database is meant to be shipped
-        os.replace(tmp / name, path / name)
-
-
-def compact_database(
-    work_dir: str | os.PathLike,
-    keep: Sequence[TaskInfo] | None = None,
-    database: ms.database.JSONDatabase | None = None,
-) -> int:
-    """Keep only the best valid record per workload and unindent the workloads' IR.
-
-    With ``keep``, only the records of those tasks' workloads stay: the others belong to kernels
-    the models no longer have (e.g. after a TVM or pass change altered them) and only cost space.
-    Returns how many records remain. The trial counts in ``cosched_target.json`` are kept (for the
-    kept workloads), so a later ``tune_modules`` still knows which are done and does not tune them again.
-    ``database`` is ``work_dir``'s database if already open; it must not be used afterwards (the
-    files under it are replaced).
-    """
-    path = Path(work_dir)
-    db = open_database(path) if database is None else database
-    with tempfile.TemporaryDirectory(dir=path) as tmp:
-        pruned = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
-        if keep is None:
-            db.dump_pruned(pruned)
-        else:
-            for task in keep:
-                if (best := _best_record(db, task)) is not None:
-                    workload = pruned.commit_workload(task.mod)
-                    pruned.commit_tuning_record(
-                        ms.database.TuningRecord(best.trace, workload, best.run_secs, best.target, best.args_info)
-                    )
-            meta = _read_meta(path)
-            keys = {t.key for t in keep}
-            meta["trials"] = {k: n for k, n in meta.get("trials", {}).items() if k in keys}
-            meta["injective"] = [k for k in meta.get("injective", []) if k in keys]
-            _write_meta(path, meta)
-        kept = len(pruned.get_all_tuning_records())
-        workloads = (Path(tmp) / WORKLOAD_FILE).read_text().splitlines()
-        (Path(tmp) / WORKLOAD_FILE).write_text("".join(_minify_workload(w) + "\n" for w in workloads if w))
-        _install_database(Path(tmp), path)
-    return kept
-
-
-# ----------------------------------------------------------------------------------------------
-# Cheaper MetaSchedule plumbing
-
-_INTRIN_PKG = "tvm.s_tir.tensor_intrin"
-
-
-def _host_intrin_modules() -> list[str]:
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64", "i386", "i686"):
-        return [f"{_INTRIN_PKG}.x86"]
-    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
-        return [f"{_INTRIN_PKG}.arm_cpu"]
-    return []
-
-
-def _stand_in_for_intrinsics() -> ModuleType | None:
-    """Register only the host CPU's tensor intrinsics; returns the stand-in package, if made.
-
-    ``TuneContext`` and MetaSchedule's default builder import ``tvm.s_tir.tensor_intrin``, whose
-    ``__init__`` parses the TVMScript of every GPU and DSP intrinsic too: 16 s of one core per
-    process on these machines (the CUDA ones alone 11 s), paid again by every builder process of
-    every build batch. A CPU's schedule rules only need its own intrinsics, so a bare module
-    stands in for the package while they load (and after: the importers find it in sys.modules).
-    """
-    if _INTRIN_PKG in sys.modules:
-        return None
-    spec = importlib.util.find_spec(_INTRIN_PKG)
-    stub = importlib.util.module_from_spec(spec)  # created, not executed
-    sys.modules[_INTRIN_PKG] = stub
-    for name in _host_intrin_modules():
-        importlib.import_module(name)
-    return stub
-
-
-@contextlib.contextmanager
-def _cpu_intrinsics_only(target: tvm.target.Target) -> Iterator[None]:
-    """Use the stand-in for a CPU target while tuning; remove it afterwards.
-
-    Once removed, a later plain import runs the real ``__init__``; the submodules loaded here
-    stay in sys.modules, so nothing is registered twice.
-    """
-    stub = _stand_in_for_intrinsics() if target.kind.name == "llvm" else None
-    try:
-        yield
-    finally:
-        if stub is not None and sys.modules.get(_INTRIN_PKG) is stub:
-            del sys.modules[_INTRIN_PKG]
-            parent = sys.modules.get(_INTRIN_PKG.rpartition(".")[0])
-            if parent is not None and getattr(parent, "tensor_intrin", None) is stub:
-                delattr(parent, "tensor_intrin")
-
-
-def _build_in_worker(args: tuple[tvm.IRModule, tvm.target.Target]) -> str:
-    """MetaSchedule's default_build + default_export, run in a builder process."""
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    mod, target = args
-    if target.kind.name == "llvm":
-        _stand_in_for_intrinsics()  # the worker is ours: the stand-in may stay
-    else:
-        importlib.import_module(_INTRIN_PKG)
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return default_export(tvm_build(mod, target=target))
-
-
-@derived_object
-class _PooledBuilder(ms.builder.PyBuilder):
-    """``LocalBuilder`` with worker processes kept across build batches.
-
-    ``LocalBuilder`` starts a fresh process pool for every batch (against a slow leak), so every
-    task pays the workers' start-up. Here workers live for ``max_uses`` builds each instead.
-    """
-
-    def __init__(self, max_workers: int, timeout_sec: float = 30.0, max_uses: int = 64) -> None:
-        super().__init__()
-        self.timeout_sec = timeout_sec
-        self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec, maximum_process_uses=max_uses)
-
-    def build(self, build_inputs: list[ms.builder.BuilderInput]) -> list[ms.builder.BuilderResult]:
-        results = []
-        jobs = [(inp.mod, inp.target) for inp in build_inputs]
-        for res in self.pool.map_with_error_catching(_build_in_worker, jobs):
-            if res.status == StatusKind.COMPLETE:
-                results.append(ms.builder.BuilderResult(res.value, None))
-            elif res.status == StatusKind.TIMEOUT:
-                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
-            else:
-                results.append(ms.builder.BuilderResult(None, f"build failed: {res.value}"))
-        return results
-
-    def shutdown(self) -> None:
-        self.pool.shutdown()
-
-
-# ----------------------------------------------------------------------------------------------
 # Tuning
 
 
@@ -466,7 +212,7 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.on_batch = on_batch
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-        measured = [us for res in runner_results if (us := _mean_us(res)) is not None]
+        measured = [us for res in runner_results if (us := mean_us(res)) is not None]
         self.on_batch(len(runner_results), min(measured) if measured else None)
 
 
@@ -554,7 +300,7 @@ class _Guided(ms.search_strategy.PySearchStrategy):
     def notify_runner_results(self, measure_candidates, results) -> None:
         self.inner.notify_runner_results(measure_candidates, results)
         self.outcome["measured"] += len(results)
-        batch = [us for r in results if (us := _mean_us(r)) is not None]
+        batch = [us for r in results if (us := mean_us(r)) is not None]
         self.best_us, self.stale = early_stop_step(self.best_us, self.stale, batch, len(results), self.min_gain)
         self.outcome["stopped"] = self.patience is not None and self.stale >= self.patience
 
@@ -620,164 +366,6 @@ def _candidate(context: ms.TuneContext, sch: tvm.s_tir.Schedule) -> ms.MeasureCa
     return ms.MeasureCandidate(sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
 
 
-def _mean_us(result: ms.runner.RunnerResult) -> float | None:
-    """A successful measurement's mean latency in microseconds; None for a failed one."""
-    if result.error_msg is not None or not result.run_secs:
-        return None
-    secs = [float(s) for s in result.run_secs]
-    mean = sum(secs) / len(secs)
-    return mean * 1e6 if mean < _FAILED_SECS else None
-
-
-def _num_cores(target: tvm.target.Target) -> int:
-    cores = target.attrs.get("num-cores") if target.attrs else None
-    return int(cores) if cores else max(1, os.cpu_count() or 1)
-
-
-def _failed(result: ms.runner.RunnerResult | str) -> bool:
-    return isinstance(result, str) or _mean_us(result) is None
-
-
-def _measure_on_threads(threads: int) -> None:
-    """Runner worker initializer: time candidates on ``threads`` threads, as a bundle runs them.
-
-    TVM's pool defaults to half the cores (one on a 2-core host), so without this every candidate
-    was timed on one thread and the search favoured schedules that do not scale to the target's cores.
-    """
-    os.environ["TVM_NUM_THREADS"] = str(threads)
-    os.environ["TVM_BIND_THREADS"] = "0"  # as cosched.runtime runs kernels
-
-
-COLD_RUNS = 32
-"""Runs timed per candidate when tuning with ``cache_flush``, each after its own flush."""
-
-
-def cold_evaluator() -> ms.runner.EvaluatorConfig:
-    """Time single runs, each right after the caches were flushed of every argument but the input."""
-    # TVM's time evaluator flushes once per repeat, and MetaSchedule's default repeat runs the kernel
-    # for 100 ms: every run after the first found its weights warm again. One run per repeat is
-    # the cold timing (ResNet-50's records: 25.2 ms summed, 17.1 warm and 17.1 flushed the old way;
-    # benchmarks/results/cold-timing-resnet50-znver5.txt).
-    return ms.runner.EvaluatorConfig(number=1, repeat=COLD_RUNS, min_repeat_ms=0, enable_cpu_cache_flush=True)
-
-
-def _local_runner(cores: int, cache_flush: bool) -> ms.runner.LocalRunner:
-    """MetaSchedule's local runner, its worker timing every candidate on ``cores`` threads."""
-    return ms.runner.LocalRunner(
-        evaluator_config=cold_evaluator() if cache_flush else None,
-        initializer=functools.partial(_measure_on_threads, cores),
-    )
-
-
-def _timed_as(meta: dict, cores: int, cache_flush: bool) -> bool:
-    """Whether the database's records were timed on ``cores`` threads with caches flushed or not."""
-    if meta.get("threads") != cores:
-        return False
-    if not cache_flush:
-        return not meta.get("cache_flush", False)
-    # A database tuned with cache_flush before ``cold_evaluator`` was timed warm and is timed again.
-    return bool(meta.get("cache_flush")) and meta.get("cold_runs") == COLD_RUNS
-
-
-def _set_timed_as(meta: dict, cores: int, cache_flush: bool) -> None:
-    """Record in ``meta`` how the database's records are timed (``_timed_as``)."""
-    meta["threads"] = cores
-    meta["cache_flush"] = cache_flush
-    if cache_flush:
-        meta["cold_runs"] = COLD_RUNS
-    else:
-        meta.pop("cold_runs", None)
-
-
-def time_records(
-    records: Sequence[ms.database.TuningRecord],
-    target: tvm.target.Target,
-    cores: int,
-    runners: Sequence[ms.runner.LocalRunner],
-) -> list[list[ms.runner.RunnerResult | str]]:
-    """Each record built once and timed by each of ``runners`` (shut down here): per runner, a result
-    per record, or the build error (str) of a record that did not build."""
-    builder = _PooledBuilder(max_workers=cores)
-    try:
-        candidates = [rec.as_measure_candidate() for rec in records]
-        built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
-        device = tvm.runtime.device(target.get_target_device_type()).type
-        inputs = [
-            ms.runner.RunnerInput(b.artifact_path, device, c.args_info)
-            for b, c in zip(built, candidates, strict=True)
-            if b.error_msg is None
-        ]
-        timed = []
-        for runner in runners:
-            results = iter([f.result() for f in runner.run(inputs)])
-            timed.append([next(results) if b.error_msg is None else b.error_msg for b in built])
-        return timed
-    finally:
-        builder.shutdown()
-        for runner in runners:
-            runner.pool.shutdown()
-
-
-def remeasure_database(work_dir: str | os.PathLike, target: tvm.target.Target, cache_flush: bool = False) -> int:
-    """Time each workload's best record again if ``work_dir`` was measured another way.
-
-    Latencies taken on one thread and on all the target's cores cannot be compared, nor those taken
-    with warm and with flushed caches, so a database keeps how it was timed in ``cosched_target.json``
-    (``threads``, absent: measured before cosched recorded it, at TVM's default; ``cache_flush``,
-    absent: warm). Only the best record per workload is kept and retimed
-    (one build and run each); a record that no longer builds or runs is dropped and its workload's
-    trial count cleared, so tuning covers it again. Returns how many records were timed; 0 when the
-    database already matches. The files are replaced only when every record has been timed.
-    """
-    path = Path(work_dir)
-    cores = _num_cores(target)
-    meta = _read_meta(path)
-    if _timed_as(meta, cores, cache_flush) or not (path / RECORD_FILE).is_file():
-        return 0
-    db = open_database(path)
-    best = {}
-    for rec in db.get_all_tuning_records():
-        key = shash2hex(rec.workload.mod)
-        if key not in best and (top := db.get_top_k(rec.workload, 1)):
-            best[key] = top[0]
-    records = list(best.values())
-    logger.info(
-        "timing %d records again on %d threads, cache flush %s (measured on %s, cache flush %s)",
-        len(records),
-        cores,
-        cache_flush,
-        meta.get("threads"),
-        bool(meta.get("cache_flush", False)),
-    )
-    (timed,) = time_records(records, target, cores, [_local_runner(cores, cache_flush)])
-    # A build error (str), a run error, or a run without a valid time.
-    failures = [res if isinstance(res, str) else res.error_msg or "no valid time" for res in timed if _failed(res)]
-    if records and len(failures) == len(records):
-        raise CoschedError(
-            f"none of the {len(records)} records in {path} could be timed again: {failures[0][:300]}",
-            hint="check that this machine can run the target's code; the database was left as it was",
-        )
-    trials = meta.setdefault("trials", {})
-    with tempfile.TemporaryDirectory(dir=path) as tmp:
-        fresh = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
-        for rec, res in zip(records, timed, strict=True):
-            if _failed(res):
-                key = shash2hex(rec.workload.mod)
-                trials.pop(key, None)
-                if key in meta.get("injective", []):
-                    meta["injective"].remove(key)
-                logger.warning("dropped a record that no longer builds or runs: %s", str(res)[:300])
-                continue
-            workload = fresh.commit_workload(rec.workload.mod)
-            fresh.commit_tuning_record(
-                ms.database.TuningRecord(rec.trace, workload, res.run_secs, target, rec.args_info)
-            )
-        _install_database(Path(tmp), path)
-    _set_timed_as(meta, cores, cache_flush)
-    _write_meta(path, meta)
-    return len(records)
-
-
 @dataclass(frozen=True)
 class SearchSize:
     """How many schedules the evolutionary search samples and evolves to pick the ones it measures.
@@ -813,50 +401,6 @@ it found no faster kernels than ``SearchSize``: two Inception-v2 workloads given
 each way came out within 1.2% of each other, the full-size search 1.3x slower to run."""
 
 
-def _has_records(path: Path) -> bool:
-    return any((path / f).is_file() and (path / f).stat().st_size for f in (WORKLOAD_FILE, RECORD_FILE))
-
-
-def start_database(work_dir: str | os.PathLike, source: str | os.PathLike, target: tvm.target.Target) -> bool:
-    """Start an empty ``work_dir`` for ``target`` from ``source``, a database tuned for another CPU.
-
-    A record is a schedule, not machine code, so one tuned on another CPU of the same kind still
-    builds for this one, and is a far better start than nothing (an untuned CPU kernel is
-    single-threaded). The copied records keep their workloads but not their trial counts: the next
-    ``tune_modules`` times each again here (``remeasure_database``: the meta has no ``threads``),
-    then tunes every workload anew, its evolutionary search seeded with the copied best. The meta
-    records where they came from (``started_from``). Returns False, copying nothing, when
-    ``work_dir`` already holds records: a rerun resumes them.
-    """
-    path, src = Path(work_dir), Path(source)
-    # Records, not workloads: a copy killed between the two files is started again.
-    if (path / RECORD_FILE).is_file() and (path / RECORD_FILE).stat().st_size:
-        return False
-    if not all((src / f).is_file() for f in (WORKLOAD_FILE, RECORD_FILE)):
-        raise CoschedError(
-            f"no tuning database at {src} to start from",
-            hint="pass a directory that holds database_workload.json, e.g. databases/<cpu>/<mix>",
-        )
-    tuned_for = _read_meta(src).get("target")
-    if not isinstance(tuned_for, dict) or tuned_for.get("kind") != target.kind.name:
-        raise CoschedError(
-            f"the database at {src} was tuned for {tuned_for}, not for a {target.kind.name} target: "
-            "its schedules do not carry over",
-            hint="start from a database tuned for the same kind of device, or tune from scratch",
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    # Meta, workloads, records, in that order: a kill before the records leaves a directory that a
-    # rerun starts again.
-    started = {"path": str(src), "target": tuned_for}
-    _write_meta(path, {"target": target_key(target), "trials": {}, "injective": [], "started_from": started})
-    with tempfile.TemporaryDirectory(dir=path) as tmp:
-        for name in (WORKLOAD_FILE, RECORD_FILE):
-            shutil.copyfile(src / name, Path(tmp) / name)
-        _install_database(Path(tmp), path)
-    logger.info("started %s from the records of %s (tuned for %s)", path, src, tuned_for)
-    return True
-
-
 def _prepare_work_dir(
     path: Path, target: tvm.target.Target, cache_flush: bool = False, start_from: str | os.PathLike | None = None
 ) -> dict:
@@ -867,16 +411,16 @@ def _prepare_work_dir(
     path.mkdir(parents=True, exist_ok=True)
     if start_from is not None:
         start_database(path, start_from, target)
-    has_db = _has_records(path)
+    has_db = has_records(path)
     if has_db or (path / META_FILE).is_file():
         check_database(path, target)  # never mix records of two targets in one directory
-    meta = _read_meta(path)
+    meta = read_meta(path)
     meta["target"] = target_key(target)
     meta.setdefault("trials", {})
     meta.setdefault("injective", [])
     if not has_db:  # how records are timed: remeasure_database compares the next runs' with it
-        _set_timed_as(meta, _num_cores(target), cache_flush)
-    _write_meta(path, meta)
+        set_timed_as(meta, num_cores(target), cache_flush)
+    write_meta(path, meta)
     return meta
 
 
@@ -1015,24 +559,24 @@ def tune_modules(
     remeasured = 0
     if database is None:
         remeasured = remeasure_database(path, target, cache_flush)
-        meta = _read_meta(path)
-    elif not _timed_as(meta, _num_cores(target), cache_flush):
+        meta = read_meta(path)
+    elif not timed_as(meta, num_cores(target), cache_flush):
         raise CoschedError(
             f"the database at {path} was measured on {meta.get('threads')} threads, cache flush "
-            f"{bool(meta.get('cache_flush', False))}, not {_num_cores(target)} threads, cache flush {cache_flush}",
+            f"{bool(meta.get('cache_flush', False))}, not {num_cores(target)} threads, cache flush {cache_flush}",
             hint="call remeasure_database before opening it, or let tune_modules open it",
         )
     tasks = extract_tasks(mods, target, names)
     tasks.sort(key=lambda t: t.cost, reverse=True)
     chosen = {t.key for t in select_kernels(tasks, kernels)}
     db = open_database(path) if database is None else database
-    on_disk = _records_per_workload(db, tasks)
+    on_disk = records_per_workload(db, tasks)
     done = {t.key: max(on_disk[t.key], int(meta["trials"].get(t.key, 0))) for t in tasks}
     # Injective kernels get cosched's own schedules measured once, also in a database tuned before
     # they existed: their trials come on top of the task's.
     injective = {t.key: s for t in tasks if t.key not in meta["injective"] and (s := injective_candidates(t.mod))}
     todo = [t for t in tasks if t.key in chosen and (done[t.key] < trials_per_task or t.key in injective)]
-    best = {t.key: _best_us(db, t) for t in todo}
+    best = {t.key: best_us(db, t) for t in todo}
     # FLOPs say little about time once a kernel is tuned (a depthwise conv has few and still takes
     # long): a measured kernel ranks by the time it takes per inference, after every unmeasured one.
     todo.sort(key=lambda t: (0, -t.cost) if best[t.key] is None else (1, -t.weight * best[t.key]))
@@ -1057,7 +601,7 @@ def tune_modules(
             bar.close()
             report.trials_run = bar.trials
     report.seconds = time.monotonic() - start
-    report.best_us = {t.name: us for t in tasks if (us := _best_us(db, t)) is not None}
+    report.best_us = {t.name: us for t in tasks if (us := best_us(db, t)) is not None}
     logger.info(
         "tuned %d tasks (%d trials) in %.0f s; %d stopped early (%d trials saved), %d already done, "
         "%d left for lack of time",
@@ -1102,7 +646,7 @@ class _Plan:
         for other in others:
             if len(traces) == most:
                 break
-            if (best := _best_record(self.db, other)) is not None:
+            if (best := best_record(self.db, other)) is not None:
                 traces.append(best.trace)
         return traces
 
@@ -1119,9 +663,9 @@ def _tune_plan(
     seed: int | None,
 ) -> None:
     """Tune ``plan.todo`` in order until done or out of budget; counts go into ``report``."""
-    cores = _num_cores(target)
-    builder = _PooledBuilder(max_workers=cores)
-    runner = _local_runner(cores, plan.cache_flush)
+    cores = num_cores(target)
+    builder = PooledBuilder(max_workers=cores)
+    runner = local_runner(cores, plan.cache_flush)
     # One cost model for all tasks. It predicts at random until it has seen num_warmup_samples
     # measurements; MetaSchedule's 100 would leave the first dozen tasks to chance here.
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores, num_warmup_samples=min(100, 4 * trials_per_task))
@@ -1129,12 +673,12 @@ def _tune_plan(
     seeds = ms.utils.fork_seed(seed, n=len(plan.todo))
     task_secs: list[float] = []
     try:
-        with _cpu_intrinsics_only(target):
+        with cpu_intrinsics_only(target):
             for i, task in enumerate(plan.todo):
                 if _out_of_budget(start, time_budget_s, task_secs) or report.tasks_tuned == max_tasks:
                     report.tasks_left = len(plan.todo) - i
                     break
-                best = _best_us(plan.db, task)
+                best = best_us(plan.db, task)
                 bar.start_task(task, best)
                 t0 = time.monotonic()
                 own = plan.injective.get(task.key, [])
@@ -1170,7 +714,7 @@ def _tune_plan(
                 plan.meta["trials"][task.key] = max(trials_per_task, plan.done[task.key])
                 if own:
                     plan.meta["injective"].append(task.key)
-                _write_meta(plan.path, plan.meta)
+                write_meta(plan.path, plan.meta)
                 bar.task_done()
     finally:
         builder.shutdown()
@@ -1211,23 +755,6 @@ def _run_task(
         database=db,
         cost_model=cost_model,
     )
-
-
-__all__ = [
-    "MIN_GAIN",
-    "SearchSize",
-    "TaskInfo",
-    "TuneReport",
-    "check_database",
-    "compact_database",
-    "depth_patience",
-    "early_stop_step",
-    "extract_tasks",
-    "open_database",
-    "trial_ladder",
-    "tune",
-    "tune_modules",
-]
 
 
 def trial_ladder(first: int, trials: int) -> list[int]:
@@ -1289,7 +816,7 @@ def tune(
     remeasured = remeasure_database(work_dir, tgt, cache_flush)
     # Opened once for all passes: opening replays every record.
     db = open_database(work_dir)
-    before = {t.name: us for t in tasks if (us := _best_us(db, t)) is not None}
+    before = {t.name: us for t in tasks if (us := best_us(db, t)) is not None}
     reports = []
     for i, pass_trials in enumerate(trial_ladder(first_trials, trials)):
         share = 0.65 if i == 0 else 1.0
