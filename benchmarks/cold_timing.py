@@ -16,7 +16,6 @@ the runs a neighbour slowed pulled up: ResNet-50's kernels summed 22.0 ms in the
 
 import argparse
 import collections
-import functools
 import os
 import statistics
 import sys
@@ -41,12 +40,7 @@ CONFIGS = {
 
 def time_records(records, target, cores: int) -> dict[str, list[float | None]]:
     """Microseconds per run of each record under each of ``CONFIGS``."""
-    runners = [
-        ms.runner.LocalRunner(
-            evaluator_config=c, initializer=functools.partial(tuning_measure._measure_on_threads, cores)
-        )
-        for c in CONFIGS.values()
-    ]
+    runners = [tuning_measure.runner_on_cores(cores, c) for c in CONFIGS.values()]
     timed = tuning_measure.time_records(records, target, cores, runners)
     return {
         name: [None if isinstance(r, str) else tuning_measure.mean_us(r) for r in results]

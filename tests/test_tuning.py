@@ -376,8 +376,10 @@ def test_trial_ladder_covers_every_workload_before_going_deeper():
 def test_tune_opens_the_database_once_for_all_passes(tmp_path, monkeypatch):
     """Opening replays every record (about 3 ms each here): one run opens it once, not once per pass."""
     opened = []
-    real_open = tuning.open_database
-    monkeypatch.setattr(tuning, "open_database", lambda work_dir: opened.append(work_dir) or real_open(work_dir))
+    real_open = tuning_db.open_database
+    # Every module that calls it binds the name: count the opens of all of them.
+    for module in (tuning, tuning_db, tuning_measure):
+        monkeypatch.setattr(module, "open_database", lambda work_dir: opened.append(work_dir) or real_open(work_dir))
     tenants = [load_onnx(conv_model(n, i, i == 1), name=n) for i, n in enumerate(NAMES)]
     report = tuning.tune(tenants, TARGET, tmp_path, trials=2, first_trials=1, progress=False, patience=None)
     workloads = len(tuning.extract_tasks([LowerKernels(TARGET)(t.mod) for t in tenants], TARGET))

@@ -167,12 +167,16 @@ def cold_evaluator() -> ms.runner.EvaluatorConfig:
     return ms.runner.EvaluatorConfig(number=1, repeat=COLD_RUNS, min_repeat_ms=0, enable_cpu_cache_flush=True)
 
 
-def local_runner(cores: int, cache_flush: bool) -> ms.runner.LocalRunner:
+def runner_on_cores(cores: int, evaluator_config: ms.runner.EvaluatorConfig | None = None) -> ms.runner.LocalRunner:
     """MetaSchedule's local runner, its worker timing every candidate on ``cores`` threads."""
     return ms.runner.LocalRunner(
-        evaluator_config=cold_evaluator() if cache_flush else None,
-        initializer=functools.partial(_measure_on_threads, cores),
+        evaluator_config=evaluator_config, initializer=functools.partial(_measure_on_threads, cores)
     )
+
+
+def local_runner(cores: int, cache_flush: bool) -> ms.runner.LocalRunner:
+    """The runner tuning times candidates with: on ``cores`` threads, warm or cold (``cold_evaluator``)."""
+    return runner_on_cores(cores, cold_evaluator() if cache_flush else None)
 
 
 def timed_as(meta: dict, cores: int, cache_flush: bool) -> bool:
