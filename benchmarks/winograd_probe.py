@@ -2,10 +2,10 @@
 
     python benchmarks/winograd_probe.py --size 14 --channels 256 256 --tile 2 --trials 256
 
-A probe, not part of the compiler: ``LowerKernels`` legalizes every convolution directly. The
-Winograd variant takes its weights already transformed (``G g G^T``, which a compiler would fold
-at compile time, as it folds prepacked weights), so only the data transform, the batched GEMM and
-the inverse transform run. Both variants are tuned from empty databases with the same trials and
+The probe that led to ``cosched.passes.WinogradConv2d`` (which ``LowerKernels`` now applies to wide
+3x3 convolutions) and the way to try it on another shape or tile. The Winograd variant takes its
+weights already transformed (``G g G^T``, folded at compile time, as prepacked weights are), so only
+the data transform, the batched GEMM and the inverse transform run. Both variants are tuned from empty databases with the same trials and
 timed by the same runner on the target's cores (MetaSchedule's best record); their outputs are
 compared on random inputs.
 """
@@ -22,53 +22,22 @@ import numpy as np
 import tvm
 from tvm import te, topi
 from tvm.s_tir import meta_schedule as ms
-from tvm.topi.nn import winograd_util
-from tvm.topi.nn.winograd_util import winograd_transform_matrices
 
 from cosched import bench
+from cosched.passes.winograd import transform_weights, winograd_nhwc
 from cosched.target import host_target
 from cosched.tuning_measure import PooledBuilder, cpu_intrinsics_only, local_runner, num_cores
 
 
 def winograd(size: int, cin: int, cout: int, tile: int) -> tvm.tirx.PrimFunc:
-    """F(tile x tile, 3x3) over pre-transformed weights ``(alpha, alpha, cout, cin)``."""
-    alpha = tile + 2
+    """F(tile x tile, 3x3) over pre-transformed weights ``(alpha, alpha, cout, cin)``, as ``WinogradConv2d``
+    legalizes it (at any tile), + bias + ReLU."""
     data = te.placeholder((1, size, size, cin), name="data")
-    packed = te.placeholder((alpha, alpha, cout, cin), name="kernel_pack")
+    packed = te.placeholder((tile + 2, tile + 2, cout, cin), name="kernel_pack")
     bias = te.placeholder((1, 1, 1, cout), name="bias")
-    a, b, _ = winograd_transform_matrices(tile, 3, "float32")
-    tiles = (size + tile - 1) // tile
-    extra = (tiles - 1) * tile + alpha - (size + 2)
-    padded = topi.nn.pad(data, (0, 1, 1, 0), (0, 1 + extra, 1 + extra, 0), name="data_pad")
-    ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-    data_pack = te.compute(
-        (alpha, alpha, tiles * tiles, cin),
-        lambda e, n, p, c: te.sum(
-            padded[0, (p // tiles) * tile + ra, (p % tiles) * tile + rb, c] * b[ra, e] * b[rb, n], axis=[ra, rb]
-        ),
-        name="data_pack",
-    )
-    k = te.reduce_axis((0, cin), "ci")
-    bgemm = te.compute(
-        (alpha, alpha, tiles * tiles, cout),
-        lambda e, n, p, co: te.sum(data_pack[e, n, p, k] * packed[e, n, co, k], axis=[k]),
-        name="bgemm",
-        attrs={"layout_free_placeholders": [packed]},
-    )
-    ra2, rb2 = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-    inverse = te.compute(
-        (tile, tile, tiles * tiles, cout),
-        lambda vh, vw, p, co: te.sum(bgemm[ra2, rb2, p, co] * a[ra2, vh] * a[rb2, vw], axis=[ra2, rb2]),
-        name="inverse",
-    )
-    out = te.compute(
-        (1, size, size, cout),
-        lambda n, h, w, co: te.max(
-            inverse[h % tile, w % tile, (h // tile) * tiles + w // tile, co] + bias[0, 0, 0, co], 0.0
-        ),
-        name="out",
-    )
-    return te.create_prim_func([data, packed, bias, out])
+    conv = winograd_nhwc(data, packed, (1, 1, 1, 1), tile)
+    out = te.compute(conv.shape, lambda *i: te.max(conv(*i) + bias[0, 0, 0, i[3]], 0.0), name="out")
+    return te.create_prim_func([data, packed, bias, out]).with_attr("layout_free_buffers", [1])
 
 
 def direct(size: int, cin: int, cout: int) -> tvm.tirx.PrimFunc:
@@ -79,13 +48,6 @@ def direct(size: int, cin: int, cout: int) -> tvm.tirx.PrimFunc:
     conv = topi.nn.conv2d(data, weight, 1, 1, 1, data_layout="NHWC", kernel_layout="OHWI")
     out = te.compute(conv.shape, lambda *i: te.max(conv(*i) + bias[0, 0, 0, i[3]], 0.0), name="out")
     return te.create_prim_func([data, weight, bias, out]).with_attr("layout_free_buffers", [1])
-
-
-def transform_weights(weight: np.ndarray, tile: int) -> np.ndarray:
-    """OHWI weights to Winograd's ``(alpha, alpha, O, I)``: ``G g G^T`` per (O, I) pair."""
-    # The same matrices winograd_transform_matrices bakes into the kernel, as numpy.
-    _, _, g = winograd_util._cook_toom_convolution(winograd_util._interpolation_points(tile + 1), tile, 3)
-    return np.einsum("eh,ohwi,nw->enoi", g, weight.astype("float64"), g, optimize=True).astype("float32")
 
 
 def tune(func: tvm.tirx.PrimFunc, target, trials: int) -> tuple[tvm.runtime.Module, float, float]:

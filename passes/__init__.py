@@ -15,6 +15,7 @@ from .interleave_operators import STRATEGIES, InterleaveOperators
 from .lower_kernels import LowerKernels
 from .merge_tenants import MergeTenants, stack_tenants
 from .simplify_inference import SimplifyInference
+from .winograd import WinogradConv2d
 
 __all__ = [
     "POLICIES",
@@ -27,5 +28,6 @@ __all__ = [
     "LowerKernels",
     "MergeTenants",
     "SimplifyInference",
+    "WinogradConv2d",
     "stack_tenants",
 ]

@@ -10,10 +10,12 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from cosched.errors import CoschedError
+from cosched.tuning_db import WINOGRAD_META, read_meta
 
 from .channels_last import ChannelsLast
 from .concat_in_place import ConcatInPlace
 from .simplify_inference import SimplifyInference
+from .winograd import WinogradConv2d
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ def LowerKernels(  # noqa: N802
     weight_prepack: bool | None = None,
     channels_last: bool | None = None,
     concat_in_place: bool | None = None,
+    winograd: bool | None = None,
 ) -> tvm.transform.Pass:
     """Simplify, legalize, fold and fuse main into TIR kernels, then apply tuned (or GPU default) schedules."""
     # Prepacking lets a tuned CPU kernel read its constant weights in the layout its loops want
@@ -70,6 +73,12 @@ def LowerKernels(  # noqa: N802
     # The layout is part of every kernel's workload too: CPU databases are tuned for NHWC kernels.
     nhwc = target.kind.name == "llvm" if channels_last is None else channels_last
     passes = [SimplifyInference(), *([ChannelsLast()] if nhwc else [])]
+    if winograd is None:
+        # A database decides, so tuning and compiling agree; without one, Winograd on CPUs.
+        on_cpu = target.kind.name == "llvm"
+        winograd = on_cpu if database is None else on_cpu and bool(read_meta(Path(database)).get(WINOGRAD_META))
+    if winograd:
+        passes.append(WinogradConv2d())
     passes += [relax.get_pipeline("zero"), relax.transform.DeadCodeElimination(["main"])]
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())

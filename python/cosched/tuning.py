@@ -32,9 +32,11 @@ from tvm.s_tir.meta_schedule.utils import shash2hex
 
 from .errors import CoschedError
 from .injective_schedule import injective_candidates
+from .passes.winograd import WINOGRAD_KERNEL
 from .target import target_key
 from .tuning_db import (
     META_FILE,
+    WINOGRAD_META,
     best_record,
     best_us,
     check_database,
@@ -602,6 +604,7 @@ def tune_modules(
             report.trials_run = bar.trials
     report.seconds = time.monotonic() - start
     report.best_us = {t.name: us for t in tasks if (us := best_us(db, t)) is not None}
+    _record_winograd(path, meta, tasks, report.best_us)
     logger.info(
         "tuned %d tasks (%d trials) in %.0f s; %d stopped early (%d trials saved), %d already done, "
         "%d left for lack of time",
@@ -614,6 +617,25 @@ def tune_modules(
         report.tasks_left,
     )
     return report
+
+
+def _record_winograd(path: Path, meta: dict, tasks: Sequence[TaskInfo], tuned: dict[str, float]) -> None:
+    """Mark in the meta whether the database holds a record for every Winograd kernel of ``tasks``."""
+    # LowerKernels compiles with Winograd where the mark says so: a database tuned before the
+    # Winograd kernels existed (or without them) keeps its direct convolutions and their records.
+    winograd = [t.name for t in tasks if WINOGRAD_KERNEL in t.name]
+    if not winograd:
+        return
+    untuned = [name for name in winograd if name not in tuned]
+    if untuned:
+        logger.warning(
+            "%d Winograd kernels are untuned (%s): their convolutions compile as direct ones until they are",
+            len(untuned),
+            ", ".join(untuned[:3]),
+        )
+    if meta.get(WINOGRAD_META) != (not untuned):
+        meta[WINOGRAD_META] = not untuned
+        write_meta(path, meta)
 
 
 @dataclass

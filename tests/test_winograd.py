@@ -1,0 +1,142 @@
+"""Winograd convolutions: exact against direct ones, only where they apply, fused, and chosen by the database."""
+
+import os
+
+os.environ.setdefault("TVM_BIND_THREADS", "0")
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from cosched import tuning, tuning_db
+from cosched.models import tiny_cnn
+from cosched.passes import LowerKernels
+from cosched.passes.winograd import WINOGRAD_KERNEL, WinogradConv2d, eligible
+from cosched.target import host_target
+from cosched.tenant import load_onnx
+
+TARGET = host_target()
+
+
+def conv_module(
+    size: tuple[int, int], cin: int, cout: int, padding=(1, 1, 1, 1), strides=(1, 1), groups: int = 1, kernel: int = 3
+) -> tuple[tvm.IRModule, np.ndarray]:
+    """main(x) = conv2d(x, w) in NHWC with constant OHWI weights ``w``, as ChannelsLast leaves it."""
+    w = np.random.default_rng(0).standard_normal((cout, kernel, kernel, cin // groups)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, *size, cin), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(
+                relax.op.nn.conv2d(
+                    x,
+                    relax.const(w),
+                    strides=strides,
+                    padding=padding,
+                    groups=groups,
+                    data_layout="NHWC",
+                    kernel_layout="OHWI",
+                )
+            )
+        bb.emit_func_output(out)
+    return bb.get(), w
+
+
+def kernels(mod: tvm.IRModule) -> list[str]:
+    return [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@pytest.mark.parametrize(
+    "size, padding",
+    [((6, 6), (1, 1, 1, 1)), ((7, 5), (1, 1, 1, 1)), ((7, 7), (0, 0, 0, 0)), ((5, 6), (2, 0, 1, 1))],
+    ids=["whole-tiles", "odd-sizes", "no-padding", "uneven-padding"],
+)
+def test_winograd_computes_the_direct_convolution(size, padding):
+    mod, _ = conv_module(size, 5, 7, padding)
+    winograd = relax.get_pipeline("zero")(WinogradConv2d(min_channels=1, min_size=1)(mod))
+    direct = relax.get_pipeline("zero")(mod)
+    assert any(WINOGRAD_KERNEL in k for k in kernels(winograd)), kernels(winograd)
+    assert not any(WINOGRAD_KERNEL in k for k in kernels(direct))
+    x = np.random.default_rng(1).standard_normal((1, *size, 5)).astype("float32")
+    np.testing.assert_allclose(run(winograd, x), run(direct, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, applies",
+    [
+        ({}, True),
+        ({"strides": (2, 2)}, False),
+        ({"groups": 2}, False),
+        ({"kernel": 1, "padding": (0, 0, 0, 0)}, False),
+        ({"cin": 128}, False),
+        ({"cout": 128}, False),
+        ({"size": (14, 12)}, False),
+    ],
+    ids=["wide-3x3", "stride-2", "grouped", "1x1", "narrow-input", "narrow-output", "small-image"],
+)
+def test_only_wide_3x3_stride_1_convolutions_with_constant_weights(kwargs, applies):
+    shape = {"size": (14, 14), "cin": 256, "cout": 256, **kwargs}
+    mod, _ = conv_module(shape.pop("size"), shape.pop("cin"), shape.pop("cout"), **shape)
+    call = mod["main"].body.blocks[0].bindings[0].value
+    assert eligible(call) is applies
+    lowered = LowerKernels(TARGET, channels_last=False)(mod)
+    assert any(WINOGRAD_KERNEL in k for k in kernels(lowered)) is applies
+
+
+def test_weights_that_are_parameters_stay_direct():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 14, 14, 256), "float32"))
+    w = relax.Var("w", relax.TensorType((256, 3, 3, 256), "float32"))
+    with bb.function("main", [x, w]):
+        out = bb.emit(relax.op.nn.conv2d(x, w, padding=(1, 1), data_layout="NHWC", kernel_layout="OHWI"))
+        bb.emit_func_output(out)
+    assert not eligible(bb.get()["main"].body.blocks[0].bindings[0].value)
+
+
+def wide_cnn():
+    """tiny_cnn whose second conv (14x14, 256 -> 256 channels, + bias, ReLU, residual add) is Winograd's."""
+    return load_onnx(tiny_cnn("wide", width=256, size=14), name="wide")
+
+
+def test_bias_relu_and_residual_fuse_into_the_winograd_kernel():
+    lowered = LowerKernels(TARGET)(wide_cnn().mod)
+    winograd = [k for k in kernels(lowered) if WINOGRAD_KERNEL in k]
+    assert len(winograd) == 1 and "relu" in winograd[0] and winograd[0].count("add") == 2, kernels(lowered)
+    # Nothing of the epilogue is left to a kernel of its own.
+    assert not [k for k in kernels(lowered) if k.startswith(("add", "relu", "fused_add", "fused_relu"))]
+
+
+def test_the_database_decides_winograd_and_its_kernels_are_exact(tmp_path):
+    """Tuning marks a database whose Winograd kernels all have records; compiling under it uses them.
+    A database without the mark (tuned before, or without, them) keeps the direct convolutions."""
+    tenant = wide_cnn()
+    x = np.random.default_rng(2).standard_normal((1, 3, 14, 14)).astype("float32")
+    db = tmp_path / "db"
+    others = tuning.tune([tenant], TARGET, db, trials=1, progress=False, kernels=["fused_conv2d_add.*"])
+    assert others.tuned and not any(WINOGRAD_KERNEL in name for name in others.tuned)
+    assert tuning_db.read_meta(db)[tuning_db.WINOGRAD_META] is False
+    assert not any(WINOGRAD_KERNEL in k for k in kernels(LowerKernels(TARGET, db)(tenant.mod)))
+
+    report = tuning.tune([tenant], TARGET, db, trials=1, progress=False, kernels=[f".*{WINOGRAD_KERNEL}.*"])
+    assert [name for name in report.tuned if WINOGRAD_KERNEL in name] == report.tuned != []
+    assert tuning_db.read_meta(db)[tuning_db.WINOGRAD_META] is True
+    tuned = LowerKernels(TARGET, db)(tenant.mod)
+    assert any(WINOGRAD_KERNEL in k for k in kernels(tuned))
+    direct = LowerKernels(TARGET, winograd=False)(tenant.mod)
+    np.testing.assert_allclose(run(tuned, x), run(direct, x), rtol=1e-4, atol=1e-4)
+
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(db, unmarked)
+    meta = json.loads((unmarked / tuning_db.META_FILE).read_text())
+    del meta[tuning_db.WINOGRAD_META]
+    (unmarked / tuning_db.META_FILE).write_text(json.dumps(meta))
+    assert not any(WINOGRAD_KERNEL in k for k in kernels(LowerKernels(TARGET, unmarked)(tenant.mod)))
