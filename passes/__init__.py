@@ -15,7 +15,7 @@ from .interleave_operators import STRATEGIES, InterleaveOperators
 from .lower_kernels import LowerKernels
 from .merge_tenants import MergeTenants, stack_tenants
 from .simplify_inference import SimplifyInference
-from .winograd import WinogradConv2d
+from .winograd import WinogradConv2d, WinogradRule
 
 __all__ = [
     "POLICIES",
@@ -29,5 +29,6 @@ __all__ = [
     "MergeTenants",
     "SimplifyInference",
     "WinogradConv2d",
+    "WinogradRule",
     "stack_tenants",
 ]

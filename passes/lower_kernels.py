@@ -15,7 +15,7 @@ from cosched.tuning_db import WINOGRAD_META, read_meta
 from .channels_last import ChannelsLast
 from .concat_in_place import ConcatInPlace
 from .simplify_inference import SimplifyInference
-from .winograd import WinogradConv2d
+from .winograd import DEFAULT_RULE, WinogradConv2d, WinogradRule
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,26 @@ def _gpu_default_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
     return apply
 
 
+def _winograd_rule(
+    target: tvm.target.Target, database: str | Path | None, winograd: bool | WinogradRule | None
+) -> WinogradRule | None:
+    if isinstance(winograd, WinogradRule):
+        return winograd
+    if winograd is None and database is not None:
+        # The rule the database was tuned with (none before Winograd existed), so compiling
+        # makes the kernels that tuning timed: a newer default would leave new kernels untuned.
+        return WinogradRule.from_json(read_meta(Path(database)).get(WINOGRAD_META))
+    # GPU kernels get dlight's default schedules, written for direct convolutions.
+    return DEFAULT_RULE if (target.kind.name == "llvm" if winograd is None else winograd) else None
+
+
 def LowerKernels(  # noqa: N802
     target: tvm.target.Target,
     database: str | Path | None = None,
     weight_prepack: bool | None = None,
     channels_last: bool | None = None,
     concat_in_place: bool | None = None,
-    winograd: bool | None = None,
+    winograd: bool | WinogradRule | None = None,
 ) -> tvm.transform.Pass:
     """Simplify, legalize, fold and fuse main into TIR kernels, then apply tuned (or GPU default) schedules."""
     # Prepacking lets a tuned CPU kernel read its constant weights in the layout its loops want
@@ -73,12 +86,9 @@ def LowerKernels(  # noqa: N802
     # The layout is part of every kernel's workload too: CPU databases are tuned for NHWC kernels.
     nhwc = target.kind.name == "llvm" if channels_last is None else channels_last
     passes = [SimplifyInference(), *([ChannelsLast()] if nhwc else [])]
-    if winograd is None:
-        # A database decides, so tuning and compiling agree; without one, Winograd on CPUs.
-        on_cpu = target.kind.name == "llvm"
-        winograd = on_cpu if database is None else on_cpu and bool(read_meta(Path(database)).get(WINOGRAD_META))
-    if winograd:
-        passes.append(WinogradConv2d())
+    rule = _winograd_rule(target, database, winograd)
+    if rule is not None:
+        passes.append(WinogradConv2d(rule))
     passes += [relax.get_pipeline("zero"), relax.transform.DeadCodeElimination(["main"])]
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())

@@ -1,6 +1,8 @@
-"""WinogradConv2d: legalize wide 3x3 stride-1 convolutions with constant weights as Winograd F(2x2, 3x3)."""
+"""WinogradConv2d: legalize wide 3x3 stride-1 convolutions with constant weights as Winograd F(m x m, 3x3)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -14,18 +16,52 @@ from .graph import static_shape
 WINOGRAD_KERNEL = "conv2d_winograd"
 """Name of the Winograd convolution's kernel, and part of every fused kernel's name that holds one."""
 
-TILE = 2
-"""Output tile of F(TILE x TILE, 3x3). F(4x4) measured slower on ResNet-50's 14x14 images (padding waste)."""
 
-MIN_CHANNELS = 256
-"""Winograd pays where both channel counts reach this: its data and output transforms cost per channel, the
-GEMM it saves per pair of channels. Measured (benchmarks/winograd_probe.py, Zen 5, same trials): 14x14
-256 -> 256 1.39-1.64x faster than direct, 28x28 128 -> 128 0.95x."""
+@dataclass(frozen=True)
+class Tier:
+    """Winograd F(tile x tile, 3x3) for convolutions whose output height and width and both channel counts reach these."""
 
-MIN_SIZE = 14
-"""Nor below this output height and width: a 7x7 image is 16 tiles of 2x2, a third of them padding, too few
-rows for the GEMM. Tuned into ResNet-50's database with 320 trials each (Zen 5): 14x14 256 -> 256 260.7 us
-against the direct kernel's 466.3, 7x7 512 -> 512 583.6 against 455.0."""
+    tile: int
+    min_size: int
+    min_channels: int
+
+
+@dataclass(frozen=True)
+class WinogradRule:
+    """Which convolutions ``WinogradConv2d`` makes Winograd: the first tier a convolution reaches gives its tile.
+
+    Part of every kernel's workload, so a database records the rule it was tuned with
+    (``to_json``) and ``LowerKernels`` compiles under it with that rule.
+    """
+
+    tiers: tuple[Tier, ...]
+
+    def to_json(self) -> list[list[int]]:
+        return [[t.tile, t.min_size, t.min_channels] for t in self.tiers]
+
+    @staticmethod
+    def from_json(value: object) -> WinogradRule | None:
+        """The rule ``to_json`` wrote; None (direct convolutions only) for anything else."""
+        try:
+            return WinogradRule(tuple(Tier(*(int(v) for v in tier)) for tier in value))  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            return None
+
+    def tile(self, call: relax.Call) -> int | None:
+        """The tile this ``relax.nn.conv2d`` call gets; None where it stays direct."""
+        shape = _winograd_shape(call)
+        if shape is None:
+            return None
+        size, channels = shape
+        return next((t.tile for t in self.tiers if size >= t.min_size and channels >= t.min_channels), None)
+
+
+DEFAULT_RULE = WinogradRule((Tier(tile=2, min_size=14, min_channels=256),))
+"""Measured on Zen 5 with the same trials each way (benchmarks/winograd_probe.py; in the model, ResNet-50's
+database, 320 trials): 14x14 256 -> 256 260.7 us against the direct kernel's 466.3 (F(4x4) 367 at 256
+trials: a 14x14 image is a third padding in 4x4 tiles); 7x7 512 -> 512 583.6 against 455.0 (16 tiles, too
+few rows for the GEMM); 28x28 128 -> 128 0.95x. Its data and output transforms cost per channel, the GEMM it
+saves per pair of channels: narrow convolutions stay direct."""
 
 
 def _transform_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,7 +69,7 @@ def _transform_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return winograd_util._cook_toom_convolution(winograd_util._interpolation_points(tile + 1), tile, 3)
 
 
-def transform_weights(weight: np.ndarray, tile: int = TILE) -> np.ndarray:
+def transform_weights(weight: np.ndarray, tile: int) -> np.ndarray:
     """OHWI 3x3 weights to Winograd's ``(alpha, alpha, O, I)``: ``G g G^T`` per (O, I) pair."""
     _, _, g = _transform_matrices(tile)
     packed = np.einsum("eh,ohwi,nw->enoi", g, weight.astype("float64"), g, optimize=True)
@@ -87,37 +123,38 @@ def winograd_nhwc(data: te.Tensor, packed: te.Tensor, padding: tuple[int, int, i
     )
 
 
-def eligible(call: relax.Call, min_channels: int = MIN_CHANNELS, min_size: int = MIN_SIZE) -> bool:
-    """Whether ``WinogradConv2d`` legalizes this ``relax.nn.conv2d`` call as Winograd."""
+def _winograd_shape(call: relax.Call) -> tuple[int, int] | None:
+    """(smaller output side, fewer channels) of a convolution Winograd can compute; None for any other."""
     attrs = call.attrs
     weight = call.args[1]
     if not isinstance(weight, tvm.ir.GenericConst) or attrs.data_layout != "NHWC" or attrs.kernel_layout != "OHWI":
-        return False
+        return None
     if attrs.out_layout not in ("", "NHWC") or int(attrs.groups) != 1:
-        return False
+        return None
     if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1]:
-        return False
+        return None
     dtype = weight.ty.dtype
     if dtype != "float32" or call.args[0].ty.dtype != dtype or str(attrs.out_dtype or dtype) != dtype:
-        return False
+        return None
     out = static_shape(call.ty)
     if out is None or static_shape(call.args[0].ty) is None:
-        return False
+        return None
     cout, kh, kw, cin = weight.value.shape
-    return (kh, kw) == (3, 3) and min(cin, cout) >= min_channels and min(out[1:3]) >= min_size
+    return (min(out[1:3]), min(cin, cout)) if (kh, kw) == (3, 3) else None
 
 
-def WinogradConv2d(min_channels: int = MIN_CHANNELS, min_size: int = MIN_SIZE) -> tvm.transform.Pass:  # noqa: N802
-    """Legalize NHWC 3x3 stride-1 convolutions with constant weights, wide channels and images as Winograd F(2x2, 3x3)."""
+def WinogradConv2d(rule: WinogradRule = DEFAULT_RULE) -> tvm.transform.Pass:  # noqa: N802
+    """Legalize NHWC 3x3 stride-1 convolutions with constant weights that ``rule`` picks as Winograd."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-        if not eligible(call, min_channels, min_size):
+        tile = rule.tile(call)
+        if tile is None:
             return _nn_conv2d(bb, call)
         # The weight transform runs here, once, on the constant: the kernel only transforms the data.
-        packed = relax.const(transform_weights(call.args[1].value.numpy()))
+        packed = relax.const(transform_weights(call.args[1].value.numpy(), tile))
         padding = tuple(int(p) for p in call.attrs.padding)
         return bb.call_te(
-            winograd_nhwc, call.args[0], packed, padding=padding, tile=TILE, primfunc_name_hint=WINOGRAD_KERNEL
+            winograd_nhwc, call.args[0], packed, padding=padding, tile=tile, primfunc_name_hint=WINOGRAD_KERNEL
         )
 
     # Every other operator gets its registered legalization, as in the pipeline's own LegalizeOps.

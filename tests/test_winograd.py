@@ -15,7 +15,7 @@ from tvm import relax
 from cosched import tuning, tuning_db
 from cosched.models import tiny_cnn
 from cosched.passes import LowerKernels
-from cosched.passes.winograd import WINOGRAD_KERNEL, WinogradConv2d, eligible
+from cosched.passes.winograd import DEFAULT_RULE, WINOGRAD_KERNEL, Tier, WinogradConv2d, WinogradRule
 from cosched.target import host_target
 from cosched.tenant import load_onnx
 
@@ -55,14 +55,15 @@ def run(mod: tvm.IRModule, x: np.ndarray) -> np.ndarray:
     return vm["main"](tvm.runtime.tensor(x)).numpy()
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize(
     "size, padding",
-    [((6, 6), (1, 1, 1, 1)), ((7, 5), (1, 1, 1, 1)), ((7, 7), (0, 0, 0, 0)), ((5, 6), (2, 0, 1, 1))],
+    [((8, 8), (1, 1, 1, 1)), ((7, 5), (1, 1, 1, 1)), ((7, 7), (0, 0, 0, 0)), ((5, 6), (2, 0, 1, 1))],
     ids=["whole-tiles", "odd-sizes", "no-padding", "uneven-padding"],
 )
-def test_winograd_computes_the_direct_convolution(size, padding):
+def test_winograd_computes_the_direct_convolution(size, padding, tile):
     mod, _ = conv_module(size, 5, 7, padding)
-    winograd = relax.get_pipeline("zero")(WinogradConv2d(min_channels=1, min_size=1)(mod))
+    winograd = relax.get_pipeline("zero")(WinogradConv2d(WinogradRule((Tier(tile, 1, 1),)))(mod))
     direct = relax.get_pipeline("zero")(mod)
     assert any(WINOGRAD_KERNEL in k for k in kernels(winograd)), kernels(winograd)
     assert not any(WINOGRAD_KERNEL in k for k in kernels(direct))
@@ -87,7 +88,7 @@ def test_only_wide_3x3_stride_1_convolutions_with_constant_weights(kwargs, appli
     shape = {"size": (14, 14), "cin": 256, "cout": 256, **kwargs}
     mod, _ = conv_module(shape.pop("size"), shape.pop("cin"), shape.pop("cout"), **shape)
     call = mod["main"].body.blocks[0].bindings[0].value
-    assert eligible(call) is applies
+    assert (DEFAULT_RULE.tile(call) is not None) is applies
     lowered = LowerKernels(TARGET, channels_last=False)(mod)
     assert any(WINOGRAD_KERNEL in k for k in kernels(lowered)) is applies
 
@@ -99,7 +100,7 @@ def test_weights_that_are_parameters_stay_direct():
     with bb.function("main", [x, w]):
         out = bb.emit(relax.op.nn.conv2d(x, w, padding=(1, 1), data_layout="NHWC", kernel_layout="OHWI"))
         bb.emit_func_output(out)
-    assert not eligible(bb.get()["main"].body.blocks[0].bindings[0].value)
+    assert DEFAULT_RULE.tile(bb.get()["main"].body.blocks[0].bindings[0].value) is None
 
 
 def wide_cnn():
@@ -123,20 +124,28 @@ def test_the_database_decides_winograd_and_its_kernels_are_exact(tmp_path):
     db = tmp_path / "db"
     others = tuning.tune([tenant], TARGET, db, trials=1, progress=False, kernels=["fused_conv2d_add.*"])
     assert others.tuned and not any(WINOGRAD_KERNEL in name for name in others.tuned)
-    assert tuning_db.read_meta(db)[tuning_db.WINOGRAD_META] is False
+    assert tuning_db.WINOGRAD_META not in tuning_db.read_meta(db)
     assert not any(WINOGRAD_KERNEL in k for k in kernels(LowerKernels(TARGET, db)(tenant.mod)))
 
     report = tuning.tune([tenant], TARGET, db, trials=1, progress=False, kernels=[f".*{WINOGRAD_KERNEL}.*"])
     assert [name for name in report.tuned if WINOGRAD_KERNEL in name] == report.tuned != []
-    assert tuning_db.read_meta(db)[tuning_db.WINOGRAD_META] is True
+    assert tuning_db.read_meta(db)[tuning_db.WINOGRAD_META] == DEFAULT_RULE.to_json()
     tuned = LowerKernels(TARGET, db)(tenant.mod)
     assert any(WINOGRAD_KERNEL in k for k in kernels(tuned))
     direct = LowerKernels(TARGET, winograd=False)(tenant.mod)
     np.testing.assert_allclose(run(tuned, x), run(direct, x), rtol=1e-4, atol=1e-4)
 
-    unmarked = tmp_path / "unmarked"
-    shutil.copytree(db, unmarked)
-    meta = json.loads((unmarked / tuning_db.META_FILE).read_text())
-    del meta[tuning_db.WINOGRAD_META]
-    (unmarked / tuning_db.META_FILE).write_text(json.dumps(meta))
-    assert not any(WINOGRAD_KERNEL in k for k in kernels(LowerKernels(TARGET, unmarked)(tenant.mod)))
+    # The rule a database records is the one it compiles with, whatever today's default.
+    for name, rule in (("unmarked", None), ("other-rule", [[2, 14, 512]])):
+        other = tmp_path / name
+        shutil.copytree(db, other)
+        meta = json.loads((other / tuning_db.META_FILE).read_text())
+        meta[tuning_db.WINOGRAD_META] = rule
+        (other / tuning_db.META_FILE).write_text(json.dumps(meta))
+        assert not any(WINOGRAD_KERNEL in k for k in kernels(LowerKernels(TARGET, other)(tenant.mod)))
+
+
+def test_rule_round_trips_through_json():
+    rule = WinogradRule((Tier(4, 28, 128), Tier(2, 14, 256)))
+    assert WinogradRule.from_json(json.loads(json.dumps(rule.to_json()))) == rule
+    assert WinogradRule.from_json(None) is None and WinogradRule.from_json(True) is None

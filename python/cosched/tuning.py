@@ -32,7 +32,7 @@ from tvm.s_tir.meta_schedule.utils import shash2hex
 
 from .errors import CoschedError
 from .injective_schedule import injective_candidates
-from .passes.winograd import WINOGRAD_KERNEL
+from .passes.winograd import DEFAULT_RULE, WINOGRAD_KERNEL, WinogradRule
 from .target import target_key
 from .tuning_db import (
     META_FILE,
@@ -604,7 +604,6 @@ def tune_modules(
             report.trials_run = bar.trials
     report.seconds = time.monotonic() - start
     report.best_us = {t.name: us for t in tasks if (us := best_us(db, t)) is not None}
-    _record_winograd(path, meta, tasks, report.best_us)
     logger.info(
         "tuned %d tasks (%d trials) in %.0f s; %d stopped early (%d trials saved), %d already done, "
         "%d left for lack of time",
@@ -619,22 +618,24 @@ def tune_modules(
     return report
 
 
-def _record_winograd(path: Path, meta: dict, tasks: Sequence[TaskInfo], tuned: dict[str, float]) -> None:
-    """Mark in the meta whether the database holds a record for every Winograd kernel of ``tasks``."""
-    # LowerKernels compiles with Winograd where the mark says so: a database tuned before the
-    # Winograd kernels existed (or without them) keeps its direct convolutions and their records.
-    winograd = [t.name for t in tasks if WINOGRAD_KERNEL in t.name]
-    if not winograd:
-        return
-    untuned = [name for name in winograd if name not in tuned]
+def _record_winograd(path: Path, rule: WinogradRule | None, tasks: Sequence[TaskInfo], tuned: dict[str, float]) -> None:
+    """Record ``rule`` in the meta if every Winograd kernel it made has a record; else keep the one there."""
+    # LowerKernels compiles under the database with the recorded rule: a database tuned before the
+    # Winograd kernels existed, or before a rule that makes new ones, keeps what it has records for.
+    untuned = [t.name for t in tasks if WINOGRAD_KERNEL in t.name and t.name not in tuned]
+    meta = read_meta(path)
     if untuned:
         logger.warning(
-            "%d Winograd kernels are untuned (%s): their convolutions compile as direct ones until they are",
+            "%d Winograd kernels are untuned (%s): compiling keeps the convolutions the database was tuned with "
+            "(%s) until they are",
             len(untuned),
             ", ".join(untuned[:3]),
+            meta.get(WINOGRAD_META) or "direct",
         )
-    if meta.get(WINOGRAD_META) != (not untuned):
-        meta[WINOGRAD_META] = not untuned
+        return
+    value = None if rule is None else rule.to_json()
+    if meta.get(WINOGRAD_META) != value:
+        meta[WINOGRAD_META] = value
         write_meta(path, meta)
 
 
@@ -829,7 +830,8 @@ def tune(
     tenants = as_tenants(tenants)
     tgt = as_target(target)
     names = list(names) if names else [t.name for t in tenants]
-    mods = [LowerKernels(tgt)(t.mod) for t in tenants]
+    rule = DEFAULT_RULE if tgt.kind.name == "llvm" else None
+    mods = [LowerKernels(tgt, winograd=rule or False)(t.mod) for t in tenants]
     tasks = extract_tasks(mods, tgt, names)
     select_kernels(tasks, kernels)  # a typo fails before any timing
     start = time.monotonic()
@@ -864,6 +866,7 @@ def tune(
     # The last pass's report describes the database; what was spent adds up over the passes.
     for name in ("trials_run", "tasks_stopped_early", "trials_saved", "trials_transferred", "trials_injective"):
         setattr(report, name, sum(getattr(r, name) for r in reports))
+    _record_winograd(Path(work_dir), rule, tasks, report.best_us)
     report.tuned = sorted({name for r in reports for name in r.tuned})
     report.tasks_tuned = len(report.tuned)
     report.best_before_us = {name: before[name] for name in report.tuned if name in before}

@@ -2,8 +2,8 @@
 
 The database is MetaSchedule's ``JSONDatabase`` (``database_workload.json`` and
 ``database_tuning_record.json``) plus ``cosched_target.json``, which names the target it was tuned
-for, how its records were timed, how many trials each workload has had and whether its Winograd
-kernels are tuned. Every file is replaced
+for, how its records were timed, how many trials each workload has had and which convolutions it
+tuned as Winograd. Every file is replaced
 by write-then-rename, so a kill never leaves a half-written database.
 """
 
@@ -35,8 +35,8 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 META_FILE = "cosched_target.json"
 WINOGRAD_META = "winograd"
-"""Key of the meta that is true when every Winograd kernel of the tuned models has a record: only then
-does ``LowerKernels`` compile their convolutions as Winograd under this database."""
+"""Key of the meta that holds the ``WinogradRule`` (as JSON) under which every Winograd kernel of the tuned
+models has a record: ``LowerKernels`` compiles under this database with that rule, none if absent."""
 
 
 def read_meta(work_dir: Path) -> dict:
