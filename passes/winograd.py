@@ -60,9 +60,9 @@ DEFAULT_RULE = WinogradRule((Tier(tile=2, min_size=14, min_channels=256),))
 """Measured on Zen 5 with the same trials each way (benchmarks/winograd_probe.py; in the model, ResNet-50's
 database, 320 trials): 14x14 256 -> 256 260.7 us against the direct kernel's 466.3 (F(4x4) 367 at 256
 trials: a 14x14 image is a third padding in 4x4 tiles); 7x7 512 -> 512 583.6 against 455.0 (16 tiles, too
-few rows for the GEMM); 28x28 128 -> 128 0.95x as F(2x2), 1.10x as F(4x4) (no tier yet: three per ResNet-50
-inference, ~0.15 ms). Its data and output transforms cost per channel, the GEMM it saves per pair of
-channels: narrow convolutions stay direct."""
+few rows for the GEMM); 28x28 128 -> 128 0.95x as F(2x2) and 1.10x as F(4x4) in the probe, but in ResNet-50
+with cosched's sized search F(4x4) reached 600.2 us after 256 trials against the direct 444.7. Its data and
+output transforms cost per channel, the GEMM it saves per pair of channels: narrow convolutions stay direct."""
 
 
 def _transform_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
