@@ -15,7 +15,7 @@ from cosched.tuning_db import WINOGRAD_META, read_meta
 from .channels_last import ChannelsLast
 from .concat_in_place import ConcatInPlace
 from .simplify_inference import SimplifyInference
-from .winograd import DEFAULT_RULE, WinogradConv2d, WinogradRule
+from .winograd import DEFAULT_RULE, WinogradConv2d, WinogradRule, default_rule
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def _winograd_rule(
         # The rule the database was tuned with (none before Winograd existed), so compiling
         # makes the kernels that tuning timed: a newer default would leave new kernels untuned.
         return WinogradRule.from_json(read_meta(Path(database)).get(WINOGRAD_META))
-    # GPU kernels get dlight's default schedules, written for direct convolutions.
-    return DEFAULT_RULE if (target.kind.name == "llvm" if winograd is None else winograd) else None
+    if winograd is None:
+        return default_rule(target)
+    return DEFAULT_RULE if winograd else None
 
 
 def LowerKernels(  # noqa: N802

@@ -65,6 +65,12 @@ with cosched's sized search F(4x4) reached 600.2 us after 256 trials against the
 output transforms cost per channel, the GEMM it saves per pair of channels: narrow convolutions stay direct."""
 
 
+def default_rule(target: tvm.target.Target) -> WinogradRule | None:
+    """The rule new kernels of ``target`` are tuned and compiled with: ``DEFAULT_RULE`` on CPUs, none elsewhere."""
+    # GPU kernels get dlight's default schedules, written for direct convolutions.
+    return DEFAULT_RULE if target.kind.name == "llvm" else None
+
+
 def _transform_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Topi's Cook-Toom matrices (A, B, G) as numpy: A and B go into the kernel, G into the weights.
     return winograd_util._cook_toom_convolution(winograd_util._interpolation_points(tile + 1), tile, 3)

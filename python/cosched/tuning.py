@@ -32,7 +32,7 @@ from tvm.s_tir.meta_schedule.utils import shash2hex
 
 from .errors import CoschedError
 from .injective_schedule import injective_candidates
-from .passes.winograd import DEFAULT_RULE, WINOGRAD_KERNEL, WinogradRule
+from .passes.winograd import WINOGRAD_KERNEL, WinogradRule, default_rule
 from .target import target_key
 from .tuning_db import (
     META_FILE,
@@ -830,7 +830,7 @@ def tune(
     tenants = as_tenants(tenants)
     tgt = as_target(target)
     names = list(names) if names else [t.name for t in tenants]
-    rule = DEFAULT_RULE if tgt.kind.name == "llvm" else None
+    rule = default_rule(tgt)
     mods = [LowerKernels(tgt, winograd=rule or False)(t.mod) for t in tenants]
     tasks = extract_tasks(mods, tgt, names)
     select_kernels(tasks, kernels)  # a typo fails before any timing
