@@ -16,6 +16,10 @@ from .graph import static_shape
 WINOGRAD_KERNEL = "conv2d_winograd"
 """Name of the Winograd convolution's kernel, and part of every fused kernel's name that holds one."""
 
+COMPUTE_VERSION = 2
+"""Changes with ``winograd_nhwc``'s stages: a database's records fit only the kernels of the version it
+was tuned with (1, the first, had no ``input_tile`` stage and no ``schedule_rule`` attributes)."""
+
 
 @dataclass(frozen=True)
 class Tier:
@@ -36,15 +40,18 @@ class WinogradRule:
 
     tiers: tuple[Tier, ...]
 
-    def to_json(self) -> list[list[int]]:
-        return [[t.tile, t.min_size, t.min_channels] for t in self.tiers]
+    def to_json(self) -> dict:
+        return {"compute": COMPUTE_VERSION, "tiers": [[t.tile, t.min_size, t.min_channels] for t in self.tiers]}
 
     @staticmethod
     def from_json(value: object) -> WinogradRule | None:
-        """The rule ``to_json`` wrote; None (direct convolutions only) for anything else."""
+        """The rule ``to_json`` wrote; None (direct convolutions only) for anything else, and for a
+        rule recorded with another ``COMPUTE_VERSION``, whose kernels this one no longer makes."""
+        if not isinstance(value, dict) or value.get("compute") != COMPUTE_VERSION:
+            return None
         try:
-            return WinogradRule(tuple(Tier(*(int(v) for v in tier)) for tier in value))  # type: ignore[union-attr]
-        except (TypeError, ValueError):
+            return WinogradRule(tuple(Tier(*(int(v) for v in tier)) for tier in value["tiers"]))
+        except (KeyError, TypeError, ValueError):
             return None
 
     def tile(self, call: relax.Call) -> int | None:
@@ -56,13 +63,13 @@ class WinogradRule:
         return next((t.tile for t in self.tiers if size >= t.min_size and channels >= t.min_channels), None)
 
 
-DEFAULT_RULE = WinogradRule((Tier(tile=2, min_size=14, min_channels=256),))
-"""Measured on Zen 5 with the same trials each way (benchmarks/winograd_probe.py; in the model, ResNet-50's
-database, 320 trials): 14x14 256 -> 256 260.7 us against the direct kernel's 466.3 (F(4x4) 367 at 256
-trials: a 14x14 image is a third padding in 4x4 tiles); 7x7 512 -> 512 583.6 against 455.0 (16 tiles, too
-few rows for the GEMM); 28x28 128 -> 128 0.95x as F(2x2) and 1.10x as F(4x4) in the probe, but in ResNet-50
-with cosched's sized search F(4x4) reached 600.2 us after 256 trials against the direct 444.7. Its data and
-output transforms cost per channel, the GEMM it saves per pair of channels: narrow convolutions stay direct."""
+DEFAULT_RULE = WinogradRule((Tier(tile=4, min_size=28, min_channels=64), Tier(tile=2, min_size=14, min_channels=256)))
+"""Measured on Zen 5 (benchmarks/winograd_probe.py, 128 trials each; in ResNet-50's database, 256 trials
+each, us per call against the direct kernels'): F(4x4) from 28x28 and 64 channels (56x56 64 -> 64: 247.0 against
+457.7; 28x28 128 -> 128: 165.9 against 444.7; Inception-v2's 56x56 64 -> 192 655.5 against 1362.5 in the probe),
+F(2x2) at 14x14 with 256 channels (232.5 against 466.3; F(4x4) would compute 16x16 outputs for 14x14). 7x7
+512 -> 512 stays direct (F(2x2) 467.5 against 489.6: 16 tiles, too few rows for the GEMM). Narrower ones
+(DenseNet-121's 128 -> 32, SqueezeNet's) were not tried: the transforms cost per channel, the GEMM saves per pair."""
 
 
 def default_rule(target: tvm.target.Target) -> WinogradRule | None:
@@ -93,24 +100,30 @@ def winograd_nhwc(data: te.Tensor, packed: te.Tensor, padding: tuple[int, int, i
     tiles = tiles_h * tiles_w
     a_np, b_np, _ = _transform_matrices(tile)
     a, b = const_matrix(a_np.astype(str(data.dtype)), "A"), const_matrix(b_np.astype(str(data.dtype)), "B")
-    # Pad to whole tiles: the last tile's extra outputs are computed and dropped.
+    # Pad to whole tiles: the last tile's extra outputs are computed and dropped. The stages and their
+    # "schedule_rule" attributes are topi's (conv2d_winograd_nhwc): MetaSchedule's built-in CPU rules
+    # for the data and output transforms unroll the 4x4 (6x6) tile loops so the constant matrices'
+    # zeros fold away; its generic rules left them as loops (28x28, 128 channels: 297 against 567 us).
     padded = topi.nn.pad(
         data,
         (0, top, left, 0),
         (0, tiles_h * tile + 2 - height - top, tiles_w * tile + 2 - width - left, 0),
         name="data_pad",
+        attrs={"schedule_rule": "None"},
     )
-    ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
 
-    def tile_origin(p: tvm.tirx.PrimExpr) -> tuple:
+    def input_tile(e, n, p, c):
         t = p % tiles
-        return p // tiles, (t // tiles_w) * tile, (t % tiles_w) * tile
+        return padded[p // tiles, (t // tiles_w) * tile + e, (t % tiles_w) * tile + n, c]
 
-    def data_pack(e, n, p, c):
-        img, y, x = tile_origin(p)
-        return te.sum(padded[img, y + ra, x + rb, c] * b[ra, e] * b[rb, n], axis=[ra, rb])
-
-    transformed = te.compute((alpha, alpha, batch * tiles, cin), data_pack, name="data_pack")
+    tiled = te.compute((alpha, alpha, batch * tiles, cin), input_tile, name="input_tile", attrs={"schedule_rule": "None"})
+    ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
+    transformed = te.compute(
+        (alpha, alpha, batch * tiles, cin),
+        lambda e, n, p, c: te.sum(tiled[ra, rb, p, c] * b[ra, e] * b[rb, n], axis=[ra, rb]),
+        name="data_pack",
+        attrs={"schedule_rule": "conv2d_nhwc_winograd_data_pack"},
+    )
     k = te.reduce_axis((0, cin), "ci")
     bgemm = te.compute(
         (alpha, alpha, batch * tiles, cout),
@@ -122,6 +135,7 @@ def winograd_nhwc(data: te.Tensor, packed: te.Tensor, padding: tuple[int, int, i
         (tile, tile, batch * tiles, cout),
         lambda vh, vw, p, co: te.sum(bgemm[rc, rd, p, co] * a[rc, vh] * a[rd, vw], axis=[rc, rd]),
         name="inverse",
+        attrs={"schedule_rule": "conv2d_nhwc_winograd_inverse"},
     )
     return te.compute(
         (batch, out_h, out_w, cout),

@@ -15,7 +15,14 @@ from tvm import relax
 from cosched import tuning, tuning_db
 from cosched.models import tiny_cnn
 from cosched.passes import LowerKernels
-from cosched.passes.winograd import DEFAULT_RULE, WINOGRAD_KERNEL, Tier, WinogradConv2d, WinogradRule
+from cosched.passes.winograd import (
+    COMPUTE_VERSION,
+    DEFAULT_RULE,
+    WINOGRAD_KERNEL,
+    Tier,
+    WinogradConv2d,
+    WinogradRule,
+)
 from cosched.target import host_target
 from cosched.tenant import load_onnx
 
@@ -81,8 +88,10 @@ def test_winograd_computes_the_direct_convolution(size, padding, tile):
         ({"cin": 128}, False),
         ({"cout": 128}, False),
         ({"size": (14, 12)}, False),
+        ({"size": (28, 28), "cin": 64, "cout": 96}, True),
+        ({"size": (28, 28), "cin": 32, "cout": 96}, False),
     ],
-    ids=["wide-3x3", "stride-2", "grouped", "1x1", "narrow-input", "narrow-output", "small-image"],
+    ids=["wide-3x3", "stride-2", "grouped", "1x1", "narrow-input", "narrow-output", "small-image", "f4-tier", "f4-narrow"],
 )
 def test_only_wide_3x3_stride_1_convolutions_with_constant_weights(kwargs, applies):
     shape = {"size": (14, 14), "cin": 256, "cout": 256, **kwargs}
@@ -91,6 +100,19 @@ def test_only_wide_3x3_stride_1_convolutions_with_constant_weights(kwargs, appli
     assert (DEFAULT_RULE.tile(call) is not None) is applies
     lowered = LowerKernels(TARGET, channels_last=False)(mod)
     assert any(WINOGRAD_KERNEL in k for k in kernels(lowered)) is applies
+
+
+def test_transforms_get_metaschedules_winograd_rules():
+    """The data and output transforms carry the schedule rules MetaSchedule has for them on this target:
+    its generic rules leave their tile loops rolled, and the kernel 1.9x slower (28x28, 128 channels)."""
+    lowered = LowerKernels(TARGET, channels_last=False)(conv_module((28, 28), 64, 64))
+    (func,) = [f for gv, f in lowered.functions.items() if WINOGRAD_KERNEL in gv.name_hint]
+    sch = tvm.s_tir.Schedule(func)
+    rules = {name: str(sch.get(sch.get_sblock(name)).annotations["schedule_rule"]) for name in ("data_pack", "inverse")}
+    assert rules["data_pack"] == "conv2d_nhwc_winograd_data_pack"
+    assert rules["inverse"] == "conv2d_nhwc_winograd_inverse"
+    for rule in (rules["data_pack"], rules["inverse"]):
+        assert any(tvm.get_global_func(f"s_tir.meta_schedule.{key}.{rule}", True) for key in TARGET.keys), rule
 
 
 def test_weights_that_are_parameters_stay_direct():
@@ -136,7 +158,13 @@ def test_the_database_decides_winograd_and_its_kernels_are_exact(tmp_path):
     np.testing.assert_allclose(run(tuned, x), run(direct, x), rtol=1e-4, atol=1e-4)
 
     # The rule a database records is the one it compiles with, whatever today's default.
-    for name, rule in (("unmarked", None), ("other-rule", [[2, 14, 512]])):
+    # A rule recorded for another version of the Winograd compute names kernels this one does not make.
+    for name, rule in (
+        ("unmarked", None),
+        ("other-rule", WinogradRule((Tier(2, 14, 512),)).to_json()),
+        ("older-compute", {**DEFAULT_RULE.to_json(), "compute": COMPUTE_VERSION - 1}),
+        ("first-format", [[2, 14, 256]]),
+    ):
         other = tmp_path / name
         shutil.copytree(db, other)
         meta = json.loads((other / tuning_db.META_FILE).read_text())
@@ -149,3 +177,5 @@ def test_rule_round_trips_through_json():
     rule = WinogradRule((Tier(4, 28, 128), Tier(2, 14, 256)))
     assert WinogradRule.from_json(json.loads(json.dumps(rule.to_json()))) == rule
     assert WinogradRule.from_json(None) is None and WinogradRule.from_json(True) is None
+    assert WinogradRule.from_json([[2, 14, 256]]) is None  # the first version's format: its kernels are gone
+    assert WinogradRule.from_json({**rule.to_json(), "compute": COMPUTE_VERSION + 1}) is None
