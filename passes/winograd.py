@@ -90,6 +90,20 @@ def transform_weights(weight: np.ndarray, tile: int) -> np.ndarray:
     return packed.astype(weight.dtype)
 
 
+def _transform(tiles: te.Tensor, matrix: te.Tensor, size: int, name: str) -> te.Tensor:
+    """``M^T X M`` for every tile ``X = tiles[:, :, p, c]``, ``M = matrix`` ``(alpha, size)``: Winograd's data
+    (``B``) and output (``A``) transforms."""
+    alpha, _, count, channels = (int(d) for d in tiles.shape)
+    ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
+    return te.compute(
+        (size, size, count, channels),
+        lambda i, j, p, c: te.sum(tiles[ra, rb, p, c] * matrix[ra, i] * matrix[rb, j], axis=[ra, rb]),
+        name=name,
+        # MetaSchedule's CPU rules for topi's Winograd stages of these names (see winograd_nhwc).
+        attrs={"schedule_rule": f"conv2d_nhwc_winograd_{name}"},
+    )
+
+
 def winograd_nhwc(data: te.Tensor, packed: te.Tensor, padding: tuple[int, int, int, int], tile: int) -> te.Tensor:
     """3x3 stride-1 NHWC convolution of ``data`` with pre-transformed weights ``(alpha, alpha, O, I)``."""
     batch, height, width, cin = (int(d) for d in data.shape)
@@ -116,27 +130,17 @@ def winograd_nhwc(data: te.Tensor, packed: te.Tensor, padding: tuple[int, int, i
         t = p % tiles
         return padded[p // tiles, (t // tiles_w) * tile + e, (t % tiles_w) * tile + n, c]
 
-    tiled = te.compute((alpha, alpha, batch * tiles, cin), input_tile, name="input_tile", attrs={"schedule_rule": "None"})
-    ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-    transformed = te.compute(
-        (alpha, alpha, batch * tiles, cin),
-        lambda e, n, p, c: te.sum(tiled[ra, rb, p, c] * b[ra, e] * b[rb, n], axis=[ra, rb]),
-        name="data_pack",
-        attrs={"schedule_rule": "conv2d_nhwc_winograd_data_pack"},
+    tiled = te.compute(
+        (alpha, alpha, batch * tiles, cin), input_tile, name="input_tile", attrs={"schedule_rule": "None"}
     )
+    transformed = _transform(tiled, b, alpha, "data_pack")
     k = te.reduce_axis((0, cin), "ci")
     bgemm = te.compute(
         (alpha, alpha, batch * tiles, cout),
         lambda e, n, p, co: te.sum(transformed[e, n, p, k] * packed[e, n, co, k], axis=[k]),
         name="bgemm",
     )
-    rc, rd = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-    inverse = te.compute(
-        (tile, tile, batch * tiles, cout),
-        lambda vh, vw, p, co: te.sum(bgemm[rc, rd, p, co] * a[rc, vh] * a[rd, vw], axis=[rc, rd]),
-        name="inverse",
-        attrs={"schedule_rule": "conv2d_nhwc_winograd_inverse"},
-    )
+    inverse = _transform(bgemm, a, tile, "inverse")
     return te.compute(
         (batch, out_h, out_w, cout),
         lambda img, h, w, co: inverse[h % tile, w % tile, img * tiles + (h // tile) * tiles_w + w // tile, co],

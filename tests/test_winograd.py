@@ -91,7 +91,17 @@ def test_winograd_computes_the_direct_convolution(size, padding, tile):
         ({"size": (28, 28), "cin": 64, "cout": 96}, True),
         ({"size": (28, 28), "cin": 32, "cout": 96}, False),
     ],
-    ids=["wide-3x3", "stride-2", "grouped", "1x1", "narrow-input", "narrow-output", "small-image", "f4-tier", "f4-narrow"],
+    ids=[
+        "wide-3x3",
+        "stride-2",
+        "grouped",
+        "1x1",
+        "narrow-input",
+        "narrow-output",
+        "small-image",
+        "f4-tier",
+        "f4-narrow",
+    ],
 )
 def test_only_wide_3x3_stride_1_convolutions_with_constant_weights(kwargs, applies):
     shape = {"size": (14, 14), "cin": 256, "cout": 256, **kwargs}
